@@ -1,0 +1,21 @@
+// Every op of phi_kernels._C: the schemas, in one place. Each op's CPU and CUDA
+// implementations are registered beside its kernels (csrc/<op>/<op>_ops.cpp); the public
+// API, argument validation with readable errors, fake (meta) functions and autograd live in
+// phi_kernels/<op>.py. The ops here are the low-level kernels: they write into `out`
+// tensors the Python side allocates, so they never allocate on their own.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(phi_kernels, m) {
+  // Rotary embedding (csrc/rotary). out may be x itself (in-place).
+  m.def(
+      "rotary_kernel(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, int seqlen_offset, "
+      "Tensor? cu_seqlens, int max_seqlen, bool interleaved, bool conjugate, Tensor(a!) out) -> ()");
+}
+
+// A Python module with no functions: importing phi_kernels._C loads the library, and the
+// static TORCH_LIBRARY registrations above make the ops visible as torch.ops.phi_kernels.*.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

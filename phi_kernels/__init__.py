@@ -1,0 +1,28 @@
+"""phi-kernels: phi-1.5's hot paths on hand-written CUDA C++, Triton and CPU C++ kernels.
+
+Every op has four backends (see phi_kernels._backends): "cuda", "triton", "cpu", "ref".
+`available_backends()` tells which run here and why not.
+"""
+from phi_kernels import _extension
+from phi_kernels._backends import (
+    BACKENDS,
+    BackendStatus,
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+)
+from phi_kernels.rotary import apply_rotary, apply_rotary_qkv, rotary_cos_sin
+
+_extension.load_error()  # load the compiled ops now, if they were built
+
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_status",
+    "apply_rotary",
+    "apply_rotary_qkv",
+    "rotary_cos_sin",
+]
+__version__ = "0.1.0"

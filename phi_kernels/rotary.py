@@ -1,0 +1,287 @@
+"""Rotary position embeddings: public API, validation, op registration and autograd.
+
+    cos, sin = rotary_cos_sin(seqlen, rotary_dim=32, base=10000.0)     # (seqlen, 16) each
+    q = apply_rotary(q, cos, sin)                  # q: (batch, seqlen, heads, head_dim)
+    qkv = apply_rotary_qkv(qkv, cos, sin)          # q and k of (batch, seqlen, 3, heads, head_dim)
+
+The API follows flash-attention's `apply_rotary_emb`, so code can switch between the two.
+Kernels: csrc/rotary/ (CUDA and CPU C++, shared math in rotary.h), phi_kernels/triton/rotary.py;
+the oracle: phi_kernels/reference/rotary.py.
+
+Registration: `phi_kernels::rotary` (functional, with autograd) and `phi_kernels::rotary_`
+(in-place) are torch.library custom ops with fake implementations, so torch.compile traces
+them; they launch the C++ op `phi_kernels::rotary_kernel` (csrc/ops.cpp) or the Triton kernel.
+The backward of a rotation is the conjugate rotation (sin -> -sin) of the gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from phi_kernels._backends import resolve_backend
+from phi_kernels.reference.rotary import apply_rotary_ref
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rotary_cos_sin(
+    seqlen: int,
+    rotary_dim: int,
+    *,
+    base: float = 10000.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """cos and sin caches of shape (seqlen, rotary_dim // 2) for positions 0..seqlen-1.
+
+    Frequency i is base ** (-2i / rotary_dim) (inv_freq over the rotary dims, as phi and
+    GPT-NeoX). Angles are computed in fp64 and rounded once to `dtype`: at position 2047 an
+    fp32 angle would already be off by ~1e-4 rad.
+    """
+    if not isinstance(seqlen, int) or seqlen < 0:
+        raise ValueError(f"seqlen must be a non-negative int, got {seqlen!r}")
+    if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be a positive even int, got {rotary_dim!r}")
+    if base <= 0:
+        raise ValueError(f"base must be positive, got {base!r}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim))
+    angles = torch.outer(torch.arange(seqlen, dtype=torch.float64, device=device), inv_freq)  # (T, rd/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved) -> tuple[int, int]:
+    """Raise ValueError naming the bad argument; return (batch, max_seqlen)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (seqlen_ro, rotary_dim / 2), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    if cu_seqlens is None:
+        if x.dim() != 4:
+            raise ValueError(f"x must be (batch, seqlen, heads, head_dim), got shape {tuple(x.shape)}"
+                             " (pass cu_seqlens for the packed (total_tokens, heads, head_dim) layout)")
+        batch, seqlen = x.shape[0], x.shape[1]
+        if max_seqlen is not None and max_seqlen != seqlen:
+            raise ValueError(f"max_seqlen is for the packed layout; got {max_seqlen} with x of shape {tuple(x.shape)}")
+    else:
+        if x.dim() != 3:
+            raise ValueError(f"with cu_seqlens, x must be (total_tokens, heads, head_dim), got shape {tuple(x.shape)}")
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+                or cu_seqlens.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor of shape (batch + 1,), got "
+                             f"{cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__}"
+                             f"{tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else ''}")
+        if cu_seqlens.device != x.device:
+            raise ValueError(f"cu_seqlens must be on x's device {x.device}, got {cu_seqlens.device}")
+        if max_seqlen is None or not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be a non-negative int with cu_seqlens, got {max_seqlen!r}")
+        batch, seqlen = cu_seqlens.numel() - 1, max_seqlen
+    head_dim = x.shape[-1]
+    rotary_dim = 2 * cos.shape[1]
+    if rotary_dim == 0 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim = 2 * cos.shape[1] = {rotary_dim} must be in [2, head_dim = {head_dim}]")
+    if x.stride(-1) != 1:
+        raise ValueError(f"x must be contiguous in its last dim (head_dim), got strides {x.stride()}")
+
+    if isinstance(seqlen_offsets, Tensor):
+        if seqlen_offsets.shape != (batch,) or seqlen_offsets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"seqlen_offsets must be an int tensor of shape (batch,) = ({batch},), got "
+                             f"{seqlen_offsets.dtype}{tuple(seqlen_offsets.shape)}")
+        if seqlen_offsets.device != x.device:
+            raise ValueError(f"seqlen_offsets must be on x's device {x.device}, got {seqlen_offsets.device}")
+    elif not isinstance(seqlen_offsets, int) or seqlen_offsets < 0:
+        raise ValueError(f"seqlen_offsets must be a non-negative int or a (batch,) tensor, got {seqlen_offsets!r}")
+
+    if not torch.compiler.is_compiling():
+        _check_positions(cos.shape[0], batch, seqlen, seqlen_offsets, cu_seqlens)
+    return batch, seqlen
+
+
+def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens) -> None:
+    """Every position read must exist in cos/sin. (Reads tensors back to the host: on a GPU this
+    syncs once; it is what keeps a too-short cache from reading out of bounds.)"""
+    if cu_seqlens is not None:
+        cu = cu_seqlens.cpu().long()
+        lengths = cu[1:] - cu[:-1]
+        if cu[0] != 0 or bool((lengths < 0).any()):
+            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu.tolist()}")
+        if int(lengths.max()) > seqlen:
+            raise ValueError(f"max_seqlen={seqlen} is smaller than the longest sequence ({int(lengths.max())})")
+    else:
+        lengths = torch.full((batch,), seqlen, dtype=torch.long)
+    if isinstance(seqlen_offsets, Tensor):
+        off = seqlen_offsets.cpu().long()
+        if bool((off < 0).any()):
+            raise ValueError(f"seqlen_offsets must be non-negative, got {off.tolist()}")
+    else:
+        off = torch.full((batch,), seqlen_offsets, dtype=torch.long)
+    need = int(torch.where(lengths > 0, off + lengths, 0).max()) if batch else 0
+    if need > seqlen_ro:
+        raise ValueError(f"cos/sin have {seqlen_ro} rows but seqlen + seqlen_offsets needs {need}; "
+                         "build a longer cache with rotary_cos_sin")
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def _launch(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate,
+            backend, out) -> None:
+    if backend == "triton":
+        from phi_kernels.triton.rotary import rotary_triton
+
+        rotary_triton(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved,
+                      conjugate, out)
+    else:  # "cpu" or "cuda": the C++ op dispatches on the tensors' device
+        torch.ops.phi_kernels.rotary_kernel(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
+                                            max_seqlen, interleaved, conjugate, out)
+
+
+@torch.library.custom_op("phi_kernels::rotary", mutates_args=())
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Tensor | None, seqlen_offset: int,
+            cu_seqlens: Tensor | None, max_seqlen: int, interleaved: bool, conjugate: bool,
+            backend: str) -> Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _launch(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate,
+            backend, out)
+    return out
+
+
+@_rotary.register_fake
+def _(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rotary_setup_context(ctx, inputs, output):
+    _, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate, backend = inputs
+    ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
+    ctx.args = (seqlen_offset, max_seqlen, interleaved, conjugate, backend)
+
+
+def _rotary_backward(ctx, grad):
+    cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
+    seqlen_offset, max_seqlen, interleaved, conjugate, backend = ctx.args
+    # out = R(theta) x  =>  dL/dx = R(theta)^T dL/dout = R(-theta) dL/dout; pass-through dims copy.
+    grad_x = _rotary(grad.contiguous(), cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen,
+                     interleaved, not conjugate, backend)
+    return grad_x, None, None, None, None, None, None, None, None, None
+
+
+_rotary.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)
+
+
+@torch.library.custom_op("phi_kernels::rotary_", mutates_args=("x",))
+def _rotary_(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Tensor | None, seqlen_offset: int,
+             cu_seqlens: Tensor | None, max_seqlen: int, interleaved: bool, conjugate: bool,
+             backend: str) -> None:
+    _launch(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate,
+            backend, x)
+
+
+@_rotary_.register_fake
+def _(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate, backend):
+    return None
+
+
+class _RotaryInplace(torch.autograd.Function):
+    """In-place rotation that autograd can see through (the op mutates x; mark it dirty)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, backend):
+        _rotary_(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, False, backend)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
+        ctx.args = (seqlen_offset, max_seqlen, interleaved, False, backend)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _rotary_backward(ctx, grad)[:3] + (None,) * 6
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def apply_rotary(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    interleaved: bool = False,
+    inplace: bool = False,
+    seqlen_offsets: int | Tensor = 0,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Rotate the first rotary_dim = 2 * cos.shape[1] dims of every head of x.
+
+    x: (batch, seqlen, heads, head_dim), or (total_tokens, heads, head_dim) packed with
+       cu_seqlens (batch + 1,) int32 and max_seqlen.
+    cos, sin: (seqlen_ro, rotary_dim / 2), x's dtype and device (see rotary_cos_sin).
+    interleaved: rotate pairs (2i, 2i+1) (GPT-J) instead of (i, i + rotary_dim/2) (phi, NeoX).
+    inplace: write into x (and return it).
+    seqlen_offsets: position of each sequence's first token: an int, or a (batch,) int tensor
+       (KV-cache decoding). Token t uses row t + offset of cos/sin.
+    backend: "cuda", "triton", "cpu" or "ref" (default: PHI_KERNELS_BACKEND, else the fastest
+       available for x's device).
+    Returns the rotated tensor; dims past rotary_dim are unchanged. Differentiable w.r.t. x.
+    """
+    _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved)
+    name = resolve_backend("apply_rotary", x.device, backend)
+    if name == "ref":
+        out = apply_rotary_ref(x, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets,
+                               cu_seqlens=cu_seqlens)
+        return x.copy_(out) if inplace else out
+    if isinstance(seqlen_offsets, Tensor):
+        offsets_t, offset = seqlen_offsets.to(torch.int32).contiguous(), 0
+    else:
+        offsets_t, offset = None, seqlen_offsets
+    max_len = x.shape[1] if cu_seqlens is None else max_seqlen
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if inplace:
+        return _RotaryInplace.apply(x, cos, sin, offsets_t, offset, cu_seqlens, max_len, interleaved, name)
+    return _rotary(x, cos, sin, offsets_t, offset, cu_seqlens, max_len, interleaved, False, name)
+
+
+def apply_rotary_qkv(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    interleaved: bool = False,
+    inplace: bool = False,
+    seqlen_offsets: int | Tensor = 0,
+    backend: str | None = None,
+) -> Tensor:
+    """Rotate q and k of a packed qkv (batch, seqlen, 3, heads, head_dim) in one launch.
+
+    q and k are viewed as one (batch, seqlen, 2 * heads, head_dim) tensor (a view: the 3-axis
+    and the heads axis merge because q and k are adjacent), so a single kernel rotates both.
+    v is returned unchanged (copied when not inplace).
+    """
+    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError("qkv must be (batch, seqlen, 3, heads, head_dim), got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    b, s, _, h, d = qkv.shape
+    if not inplace:
+        qkv = qkv.clone(memory_format=torch.contiguous_format)
+    qk = qkv[:, :, :2]
+    try:
+        qk = qk.view(b, s, 2 * h, d)
+    except RuntimeError:
+        raise ValueError(f"qkv's heads and 3-axis must be mergeable into one view; got strides {qkv.stride()}")
+    apply_rotary(qk, cos, sin, interleaved=interleaved, inplace=True, seqlen_offsets=seqlen_offsets,
+                 backend=backend)
+    return qkv

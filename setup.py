@@ -1,0 +1,142 @@
+"""Build phi_kernels._C, the C++/CUDA extension of phi-kernels.
+
+    pip install --no-build-isolation -e .
+
+What gets built:
+  * every csrc/**/*.cpp file (op schemas, bindings, CPU kernels): always;
+  * every csrc/**/*.cu file (CUDA kernels): whenever torch is a CUDA build and a CUDA
+    toolkit is found, even when no GPU is visible (CI compiles for sm_80 and sm_90a).
+
+Environment knobs (all optional):
+  CUDA_HOME               the CUDA toolkit; found by itself when unset (see _find_cuda_home)
+  TORCH_CUDA_ARCH_LIST    archs to compile for; default "8.0;9.0a" when no GPU is visible
+  MAX_JOBS                parallel compile jobs (ninja)
+  PHI_KERNELS_CUDA=0      skip the CUDA sources (CPU kernels only; a fast build for development)
+  PHI_KERNELS_CPU_ARCH    -march for the CPU kernels, default "native" (the build machine's ISA)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_toolkit(prefix):
+    return bool(prefix) and os.path.isfile(os.path.join(prefix, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(prefix, "include", "cuda_runtime.h")
+    )
+
+
+def _find_cuda_home():
+    """The real CUDA toolkit directory, or None.
+
+    torch guesses CUDA_HOME from `which nvcc`, but on our machines that nvcc is a wrapper
+    script in another prefix with no headers, so look for the directory whose bin/ has nvcc
+    *and* whose include/ has cuda_runtime.h.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper like `exec /usr/local/cuda-13.0/bin/nvcc "$@"`: follow it
+            with open(nvcc, "r", errors="ignore") as f:
+                for token in f.read(4096).split():
+                    if token.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(token)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for prefix in candidates:
+        if _is_toolkit(prefix):
+            return os.path.realpath(prefix)
+    return None
+
+
+def _want_cuda(cuda_home):
+    if os.environ.get("PHI_KERNELS_CUDA", "1") == "0":
+        print("phi_kernels: PHI_KERNELS_CUDA=0, building the CPU kernels only")
+        return False
+    import torch
+
+    if torch.version.cuda is None:
+        print("phi_kernels: torch is a CPU build, building the CPU kernels only")
+        return False
+    if cuda_home is None:
+        print("phi_kernels: no CUDA toolkit found (set CUDA_HOME), building the CPU kernels only")
+        return False
+    return True
+
+
+cuda_home = _find_cuda_home()
+if cuda_home and "CUDA_HOME" not in os.environ:
+    os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = _want_cuda(cuda_home)
+
+cpp_sources = sorted(
+    os.path.relpath(p, ROOT)
+    for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
+    if os.sep + "tests" + os.sep not in p
+)
+cu_sources = sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
+)
+
+cpu_arch = os.environ.get("PHI_KERNELS_CPU_ARCH", "native")
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", f"-march={cpu_arch}", "-Wno-unused-function"]
+include_dirs = [os.path.join(ROOT, "csrc")]
+define_macros = []
+
+if with_cuda:
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to ask: build for A100 (sm_80) and H100 (sm_90a, wgmma/TMA enabled).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+    # ATen's CUDA headers pull in cusparse.h and friends, which ship in torch's nvidia wheels.
+    for site in sys.path:
+        nv_inc = os.path.join(site, "nvidia", "cu13", "include")
+        if os.path.isdir(nv_inc):
+            include_dirs.append(nv_inc)
+            break
+    define_macros.append(("PHI_WITH_CUDA", None))
+    nvcc_flags = [
+        "-O3",
+        "-std=c++20",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    ]
+    ext = CUDAExtension(
+        "phi_kernels._C",
+        cpp_sources + cu_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    ext = CppExtension(
+        "phi_kernels._C",
+        cpp_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+setup(
+    name="phi-kernels",
+    version="0.1.0",
+    description="phi-1.5 training on hand-written CUDA, Triton and CPU kernels",
+    packages=find_packages(include=["phi_kernels*", "phi_model*", "train*", "benchmarks*"]),
+    python_requires=">=3.10",
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+)
