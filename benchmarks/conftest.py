@@ -20,12 +20,15 @@ _RESULTS: list[dict] = []
 
 def _ratios(rows: list[dict]) -> None:
     best: dict[str, float] = {}
+    roof: dict[str, float] = {}
     for r in rows:
-        if not r["ours"]:
-            best[r["group"]] = max(best.get(r["group"], 0.0), r["throughput"])
+        table = roof if r.get("roofline") else (best if not r["ours"] else None)
+        if table is not None:
+            table[r["group"]] = max(table.get(r["group"], 0.0), r["throughput"])
     for r in rows:
-        b = best.get(r["group"])
+        b, rf = best.get(r["group"]), roof.get(r["group"])
         r["ratio_vs_best_peer"] = (r["throughput"] / b) if b else None
+        r["ratio_vs_roofline"] = (r["throughput"] / rf) if rf else None
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -33,10 +36,12 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     for bm in output_json.get("benchmarks", []):
         info = bm.get("extra_info", {})
         if "throughput" in info:
-            rows.append({"group": bm.get("group"), "ours": info["ours"], "throughput": info["throughput"], "info": info})
+            rows.append({"group": bm.get("group"), "ours": info["ours"], "roofline": info.get("roofline", False),
+                         "throughput": info["throughput"], "info": info})
     _ratios(rows)
     for r in rows:
         r["info"]["ratio_vs_best_peer"] = r["ratio_vs_best_peer"]
+        r["info"]["ratio_vs_roofline"] = r["ratio_vs_roofline"]
 
 
 def pytest_runtest_makereport(item, call):
@@ -46,7 +51,8 @@ def pytest_runtest_makereport(item, call):
     info = getattr(fixture, "extra_info", None) if fixture is not None else None
     if info and "throughput" in info:
         _RESULTS.append({"group": fixture.group, "provider": info["provider"], "ours": info["ours"],
-                         "throughput": info["throughput"], "unit": info["unit"]})
+                         "roofline": info.get("roofline", False), "throughput": info["throughput"],
+                         "unit": info["unit"]})
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -59,5 +65,7 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(group)
         for r in sorted((r for r in _RESULTS if r["group"] == group), key=lambda r: -r["throughput"]):
             ratio = "" if r["ratio_vs_best_peer"] is None else f"{r['ratio_vs_best_peer']:.2f}x best peer"
-            tag = "ours" if r["ours"] else "peer"
+            if r["ratio_vs_roofline"] is not None and not r["roofline"]:
+                ratio += f"  {r['ratio_vs_roofline']:.2f}x roofline"
+            tag = "roof" if r["roofline"] else ("ours" if r["ours"] else "peer")
             tr.write_line(f"    {r['provider']:34s} {tag}  {r['throughput']:10.3f} {r['unit']:8s} {ratio}")

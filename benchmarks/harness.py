@@ -5,6 +5,9 @@
               group="rotary fwd b4 s512 fp32", provider="phi_kernels cpu", ours=True,
               work=bytes_moved, unit="GB/s", shape=..., dtype=x.dtype, device=x.device)
 
+A provider with roofline=True (e.g. a plain memory copy of the same bytes) is a yardstick,
+not a competitor: it is left out of the best peer, and every row also gets its ratio to it.
+
 `bench` warms up, synchronizes CUDA around every call, runs pytest-benchmark's pedantic rounds
 and stores in extra_info: the figure of merit (work / median time), its unit, the provider,
 whether it is ours, device name, dtype, shape and git commit. At the end of the session the
@@ -69,6 +72,7 @@ def bench(
     provider: str,
     ours: bool,
     work: float,
+    roofline: bool = False,
     unit: str,
     shape: object,
     dtype: torch.dtype | str,
@@ -105,6 +109,7 @@ def bench(
     benchmark.extra_info.update(
         provider=provider,
         ours=ours,
+        roofline=roofline,
         throughput=throughput,
         unit=unit,
         work_per_call=work,
