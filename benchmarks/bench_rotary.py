@@ -52,10 +52,13 @@ def test_rotary_ours(benchmark, backend, inplace, seqlen):
         return (apply_rotary(q, cos, sin, backend=backend, inplace=inplace),
                 apply_rotary(k, cos, sin, backend=backend, inplace=inplace))
 
-    # In-place reads and writes only the rotary dims: count the bytes that actually move.
-    work = _bytes(q, cos) * (ROTARY_DIM / HEAD_DIM if inplace else 1.0)
-    bench(benchmark, fn, group=_group(seqlen), provider=f"phi_kernels {backend} {'inplace' if inplace else 'out-of-place'}",
-          ours=True, work=work, unit="GB/s", shape=tuple(q.shape), dtype=DTYPE, device=DEVICE)
+    # Work is the task's bytes for every provider, so ratios are time ratios for the same task.
+    # In-place moves only the rotary dims; its actual memory traffic is recorded beside.
+    tput = bench(benchmark, fn, group=_group(seqlen),
+                 provider=f"phi_kernels {backend} {'inplace' if inplace else 'out-of-place'}",
+                 ours=True, work=_bytes(q, cos), unit="GB/s", shape=tuple(q.shape), dtype=DTYPE, device=DEVICE)
+    if inplace:
+        benchmark.extra_info["actual_bytes_GB/s"] = tput * ROTARY_DIM / HEAD_DIM
 
 
 @pytest.mark.parametrize("seqlen", SEQLENS)
