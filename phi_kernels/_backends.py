@@ -15,6 +15,7 @@ it never falls back silently.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -46,12 +47,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton is not installed ({e})"
-    return None
+    return _TRITON_ERROR
 
 
 def _no_gpu_status(name: str) -> BackendStatus:
