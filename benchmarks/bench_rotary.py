@@ -104,3 +104,23 @@ def test_rotary_copy_roofline(benchmark, seqlen):
 
     bench(benchmark, fn, group=_group(seqlen), provider="copy of the same bytes", ours=False, roofline=True,
           work=_bytes(q, cos), unit="GB/s", shape=tuple(q.shape), dtype=DTYPE, device=DEVICE)
+
+
+@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("backend", ["cuda", "cpu"])
+def test_rotary_kernel_only(benchmark, backend, seqlen):
+    """The C++ kernel writing into preallocated outputs: its memory bandwidth, free of the
+    allocation cost that the out-of-place API pays (compare with the copy roofline)."""
+    status = backend_status(backend, DEVICE)
+    if not status.available:
+        pytest.skip(f"{backend}: {status.reason}")
+    q, k, cos, sin = _inputs(seqlen)
+    oq, ok = torch.empty_like(q), torch.empty_like(k)
+    kernel = torch.ops.phi_kernels.rotary_kernel
+
+    def fn():
+        kernel(q, cos, sin, None, 0, None, seqlen, False, False, oq)
+        kernel(k, cos, sin, None, 0, None, seqlen, False, False, ok)
+
+    bench(benchmark, fn, group=_group(seqlen), provider=f"phi_kernels {backend} kernel, preallocated out",
+          ours=True, work=_bytes(q, cos), unit="GB/s", shape=tuple(q.shape), dtype=DTYPE, device=DEVICE)
