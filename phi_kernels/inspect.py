@@ -1,7 +1,12 @@
 """Static GPU report: what the compiled kernels will use on an A100 / H100, without a GPU.
 
-    python -m phi_kernels.inspect            # table of every CUDA kernel in phi_kernels._C
+    python -m phi_kernels.inspect                 # CUDA kernels in phi_kernels._C + Triton AOT
     python -m phi_kernels.inspect --json out.json
+
+Triton kernels are compiled ahead of time for sm_80 and sm_90 (phi_kernels/triton/aot.py) and
+read the same way. Each kernel with a known phi-1.5 workload also gets a roofline estimate:
+time >= max(FLOPs / tensor peak, bytes / memory bandwidth) on an A100 and an H100, from the
+published peaks in shared/ANCHORS.md. A prediction from first principles, not a measurement.
 
 Reads the built extension with cuobjdump (shipped in Triton's wheel): registers, shared
 memory, stack and local memory (spills) per kernel per architecture, tensor-core instruction
@@ -21,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 # Per-SM limits (CUDA occupancy calculator): sm_80 (A100) and sm_90 (H100).
 SM_LIMITS = {
@@ -147,29 +153,87 @@ def cuda_kernels(so_path: str | None = None) -> tuple[KernelResources, ...]:
     return tuple(sorted(kernels.values(), key=lambda k: (k.name, k.arch)))
 
 
+# Published peaks (shared/ANCHORS.md): dense fp16/bf16 tensor FLOP/s and memory bandwidth.
+PEAKS = {"A100 80GB": (312e12, 2.04e12), "H100 SXM": (989e12, 3.35e12)}
+
+# Workload of one call at phi-1.5 shapes, for CUDA kernels matched by name (Triton kernels carry
+# theirs in their AotSpec). (name regex, FLOPs, minimum bytes, shape description)
+CUDA_WORKLOADS: list[tuple[str, float, float, str]] = [
+    # q and k, batch 4, seqlen 2048, 32 heads x 64, rotary 32, 16-bit, out-of-place.
+    (r"rotary_kernel<(__half|__nv_bfloat16)>", 2 * 6 * 4 * 2048 * 32 * 16, 2 * 2 * 4 * 2048 * 32 * 64 * 2 + 2 * 2048 * 16 * 2,
+     "q,k (4, 2048, 32, 64), rotary 32"),
+]
+
+
+def roofline_us(flops: float, nbytes: float) -> dict[str, float]:
+    """Lower bound on one call's time in microseconds per GPU in PEAKS."""
+    return {gpu: 1e6 * max(flops / peak, nbytes / bw) for gpu, (peak, bw) in PEAKS.items()}
+
+
+def cuda_workload(name: str) -> tuple[float, float, str] | None:
+    for pattern, flops, nbytes, shape in CUDA_WORKLOADS:
+        if re.search(pattern, name):
+            return flops, nbytes, shape
+    return None
+
+
+def format_triton_table(results) -> str:
+    rows = ["| Triton kernel | arch | warps | regs | smem (B) | spill (B) | mma / wgmma (PTX) | HMMA (SASS) | "
+            "phi-1.5 call | roofline A100 / H100 (us) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        roof = roofline_us(r.flops, r.min_bytes) if r.min_bytes or r.flops else None
+        roof_s = f"{roof['A100 80GB']:.0f} / {roof['H100 SXM']:.0f}" if roof else ""
+        rows.append(f"| {r.label} (`{r.kernel}`) | {r.arch} | {r.num_warps} | {r.registers} | {r.shared} | "
+                    f"{r.spill_bytes} | {r.mma} / {r.wgmma} | {r.hmma_sass} | {r.shape} | {roof_s} |")
+    return "\n".join(rows)
+
+
+def triton_results_subprocess() -> list[dict]:
+    """AOT-compile every Triton kernel in a fresh process (TRITON_INTERPRET unset there)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, dataclasses; from phi_kernels.triton.aot import compile_all; "
+            "print(json.dumps([dataclasses.asdict(r) for r in compile_all()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"Triton AOT compilation failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def format_table(kernels) -> str:
-    rows = ["| kernel | arch | regs | smem (B) | stack | spill (B) | LDL/STL | HMMA | HGMMA | warps/SM (regs) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| CUDA kernel | arch | regs | smem (B) | stack | spill (B) | LDL/STL | HMMA | HGMMA | warps/SM (regs) | "
+            "phi-1.5 call | roofline A100 / H100 (us) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in kernels:
         short = re.sub(r"\(.*\)$", "", k.name)
+        work = cuda_workload(k.name)
+        roof = roofline_us(work[0], work[1]) if work else None
+        roof_s = f"{roof['A100 80GB']:.0f} / {roof['H100 SXM']:.0f}" if roof else ""
         rows.append(f"| `{short}` | {k.arch} | {k.registers} | {k.shared} | {k.stack} | {k.spill_bytes} | "
-                    f"{k.ldl_stl} | {k.hmma} | {k.hgmma} | {k.max_warps_per_sm()} |")
+                    f"{k.ldl_stl} | {k.hmma} | {k.hgmma} | {k.max_warps_per_sm()} | {work[2] if work else ''} | {roof_s} |")
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton AOT compilation")
     args = ap.parse_args(argv)
-    if not extension_has_cuda():
-        print("phi_kernels._C has no CUDA kernels (built without CUDA); nothing to inspect", file=sys.stderr)
-        return 1
-    kernels = cuda_kernels()
-    print("Static resource usage of the CUDA kernels in phi_kernels._C (from cuobjdump; not a measurement)\n")
-    print(format_table(kernels))
+    report: dict[str, list] = {"cuda": [], "triton": []}
+    print("# Static GPU report (cuobjdump on compiled code; roofline = max(FLOPs/peak, bytes/bandwidth); "
+          "predictions, not measurements)\n")
+    if extension_has_cuda():
+        kernels = cuda_kernels()
+        report["cuda"] = [dict(dataclasses.asdict(k), warps_per_sm=k.max_warps_per_sm()) for k in kernels]
+        print(format_table(kernels))
+    else:
+        print("phi_kernels._C has no CUDA kernels (built without CUDA): CUDA section skipped")
+    if not args.no_triton:
+        results = triton_results_subprocess()
+        report["triton"] = results
+        print()
+        print(format_triton_table([SimpleNamespace(**r) for r in results]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(k) for k in kernels], f, indent=1)
+            json.dump(report, f, indent=1)
     return 0
 
 

@@ -114,3 +114,25 @@ def rotary_triton(
         BLOCK_P=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
         num_warps=4,
     )
+
+
+def aot_specs():
+    """phi-1.5 shapes for the static report: q and k of batch 4, seqlen 2048, 32 heads x 64,
+    rotary 32, out-of-place (pass-through copied), fp16 and bf16."""
+    from phi_kernels.triton.aot import AotSpec
+
+    batch, seqlen, heads, head_dim, rotary_dim = 4, 2048, 32, 64, 32
+    specs = []
+    for dt in ("fp16", "bf16"):
+        sig = {"X": f"*{dt}", "OUT": f"*{dt}", "COS": f"*{dt}", "SIN": f"*{dt}", "CU_SEQLENS": "*i32",
+               "SEQLEN_OFFSETS": "*i32", "seqlen": "i32", "seqlen_offset": "i32", "rotary_dim": "i32",
+               "head_dim": "i32", "stride_xb": "i64", "stride_xt": "i64", "stride_xh": "i64", "stride_ob": "i64",
+               "stride_ot": "i64", "stride_oh": "i64"}
+        consts = dict(IS_VARLEN=False, HAS_OFFSETS_TENSOR=False, INTERLEAVED=False, CONJUGATE=False,
+                      COPY_PASS=True, BF16_AS_INT16=False, BLOCK_M=32, BLOCK_H=rotary_dim // 2,
+                      BLOCK_P=head_dim - rotary_dim)
+        nbytes = 2 * (2 * batch * seqlen * heads * head_dim * 2) + 2 * seqlen * rotary_dim // 2 * 2
+        specs.append(AotSpec(f"rotary {dt} (q+k)", _rotary_kernel, sig, consts, num_warps=4, num_stages=1,
+                             flops=2 * 6 * batch * seqlen * heads * rotary_dim // 2, min_bytes=nbytes,
+                             shape=f"q,k ({batch}, {seqlen}, {heads}, {head_dim}), rotary {rotary_dim}"))
+    return specs

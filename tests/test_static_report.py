@@ -1,0 +1,64 @@
+"""The static GPU report (python -m phi_kernels.inspect): every CUDA kernel in the extension and
+every Triton kernel compiled ahead of time for sm_80 / sm_90 has zero spills and shared memory
+within the architecture's limit; tensor-core kernels contain tensor-core instructions."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from phi_kernels import inspect as pk_inspect
+
+
+@pytest.fixture(scope="module")
+def cuda_kernels():
+    if not pk_inspect.extension_has_cuda():
+        pytest.skip("phi_kernels._C was built without CUDA kernels")
+    return pk_inspect.cuda_kernels()
+
+
+@pytest.fixture(scope="module")
+def triton_results():
+    try:
+        return pk_inspect.triton_results_subprocess()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+
+
+def test_cuda_kernels_for_both_archs(cuda_kernels):
+    by_arch = {}
+    for k in cuda_kernels:
+        by_arch.setdefault(k.arch, set()).add(k.mangled)
+    assert {"sm_80", "sm_90a"} <= set(by_arch), by_arch.keys()
+    assert by_arch["sm_80"] == by_arch["sm_90a"], "every kernel is compiled for both archs"
+
+
+def test_cuda_kernels_no_spills_and_fit(cuda_kernels):
+    for k in cuda_kernels:
+        lim = pk_inspect.SM_LIMITS[k.arch]
+        assert k.spill_bytes == 0 and k.ldl_stl == 0, f"{k.name} {k.arch} spills: {k}"
+        assert 0 < k.registers <= 255, k
+        assert k.shared <= lim["smem_per_block"], k
+        assert k.max_warps_per_sm() >= 4, k  # at least one 128-thread block fits by registers
+
+
+def test_triton_kernels_no_spills_and_fit(triton_results):
+    assert triton_results, "no Triton kernel was compiled"
+    archs = {r["arch"] for r in triton_results}
+    assert {"sm_80", "sm_90"} <= archs
+    for r in triton_results:
+        lim = pk_inspect.SM_LIMITS[r["arch"]]
+        assert r["spill_bytes"] == 0 and r["stack"] == 0, r
+        assert r["shared"] <= lim["smem_per_block"], r
+        if r["tensor_core"]:
+            assert r["mma"] + r["wgmma"] > 0 and r["hmma_sass"] > 0, f"no tensor-core instructions: {r}"
+    print("\n" + pk_inspect.format_triton_table([pk_inspect.SimpleNamespace(**r) for r in triton_results]))
+
+
+def test_report_command_runs(tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "phi_kernels.inspect", "--no-triton", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Static GPU report" in proc.stdout and out.exists()
