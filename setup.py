@@ -70,6 +70,37 @@ def _want_cuda(cuda_home):
     return True
 
 
+def _import_torch_from_target_env():
+    """Make `import torch` work inside pip's isolated build environment.
+
+    A plain `pip install -e .` builds in an isolated environment without torch, but the
+    extension must be compiled against the torch it will run with, which is the one installed
+    in the environment pip installs into (sys.prefix: pip runs this script with that
+    environment's interpreter). Put that environment's site-packages back on the path rather
+    than installing a second torch into the build environment.
+    """
+    try:
+        import torch  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import site
+    import sysconfig
+
+    for path in [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]:
+        if path not in sys.path and os.path.isdir(os.path.join(path, "torch")):
+            sys.path.append(path)
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(
+            "phi-kernels: building the extension needs torch installed first:\n"
+            "    pip install -r requirements.txt && pip install --no-build-isolation -e .\n"
+            f"({e})"
+        )
+
+
+_import_torch_from_target_env()
 cuda_home = _find_cuda_home()
 if cuda_home and "CUDA_HOME" not in os.environ:
     os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
