@@ -110,11 +110,12 @@ void test_bf16_conversions() {
 
 }  // namespace
 
-int rotary_math_tests() {
+int main() {
   test_pair_index();
   test_rotate();
   test_seq_bounds();
   test_half_conversions();
   test_bf16_conversions();
-  return phi_test::failures();
+  std::printf("rotary_math_test: %d failure(s)\n", phi_test::failures());
+  return phi_test::failures() == 0 ? 0 : 1;
 }
