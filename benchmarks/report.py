@@ -94,14 +94,15 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
         slug = re.sub(r"[^A-Za-z0-9]+", "_", family).strip("_")[:60]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
         unit = "?"
+        colors = {p: f"C{i % 10}" for i, p in enumerate(sorted(providers))}  # same color in both panels
         for provider, pts in sorted(providers.items()):
             pts.sort(key=lambda p: p[0])
             xs = [p[0] for p in pts]
             unit = pts[0][1]["unit"]
             style = "-o" if pts[0][1]["ours"] else ("--" if pts[0][1]["roofline"] else "-s")
-            ax1.plot(xs, [p[1]["throughput"] for p in pts], style, label=provider)
+            ax1.plot(xs, [p[1]["throughput"] for p in pts], style, label=provider, color=colors[provider])
             if pts[0][1]["ours"] and all(p[1]["ratio"] is not None for p in pts):
-                ax2.plot(xs, [p[1]["ratio"] for p in pts], "-o", label=provider)
+                ax2.plot(xs, [p[1]["ratio"] for p in pts], "-o", label=provider, color=colors[provider])
         for ax in (ax1, ax2):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("sequence length")
