@@ -11,6 +11,16 @@ TORCH_LIBRARY(phi_kernels, m) {
   m.def(
       "rotary_kernel(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, int seqlen_offset, "
       "Tensor? cu_seqlens, int max_seqlen, bool interleaved, bool conjugate, Tensor(a!) out) -> ()");
+
+  // Adam / AdamW over lists of tensors sharing dtype and device (csrc/adam). amsgrad when
+  // max_exp_avg_sqs is non-empty; fp32 master weights when masters is non-empty. lr and step
+  // are one-element float32 tensors (device tensors keep a CUDA step free of host syncs);
+  // grads are divided by grad_scale; found_inf > 0 skips the whole update.
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor lr, Tensor step, float beta1, float beta2, "
+      "float eps, float weight_decay, bool adam_w_mode, bool bias_correction, bool maximize, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
 
 // A Python module with no functions: importing phi_kernels._C loads the library, and the

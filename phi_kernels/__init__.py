@@ -11,6 +11,7 @@ from phi_kernels._backends import (
     available_backends,
     backend_status,
 )
+from phi_kernels.adam import FusedAdam
 from phi_kernels.rotary import apply_rotary, apply_rotary_qkv, rotary_cos_sin
 
 _extension.load_error()  # load the compiled ops now, if they were built
@@ -19,6 +20,7 @@ __all__ = [
     "BACKENDS",
     "BackendStatus",
     "BackendUnavailableError",
+    "FusedAdam",
     "available_backends",
     "backend_status",
     "apply_rotary",
