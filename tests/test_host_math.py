@@ -22,4 +22,5 @@ def test_host_math_ctest(tmp_path):
     test = run("ctest", "--test-dir", str(build), "--output-on-failure")
     print(test.stdout)
     assert test.returncode == 0, test.stdout[-4000:] + test.stderr[-4000:]
-    assert "rotary_math_test" in test.stdout and "100% tests passed" in test.stdout
+    assert "rotary_math_test" in test.stdout and "adam_math_test" in test.stdout
+    assert "100% tests passed" in test.stdout
