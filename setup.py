@@ -120,7 +120,8 @@ cu_sources = sorted(
 )
 
 cpu_arch = os.environ.get("PHI_KERNELS_CPU_ARCH", "native")
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp", f"-march={cpu_arch}", "-Wno-unused-function"]
+# -fno-math-errno: sqrtf must not set errno, or GCC will not vectorize loops that call it.
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", f"-march={cpu_arch}", "-fno-math-errno", "-Wno-unused-function"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 

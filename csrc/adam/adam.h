@@ -28,10 +28,14 @@ struct Adam_hparams {
 };
 
 // Per-step scalars derived once per launch (or once per thread on the device).
+// The flags become coefficients so the per-element update has no branches (and vectorizes):
+// multiplying by 1 or -1 and adding 0 * p are exact, so results equal the branchy form.
 struct Adam_coeffs {
   float step_size;  // lr / bc1
   float bc2_sqrt;   // sqrt(bc2)
-  float decay;      // 1 - lr * wd (AdamW) or 1
+  float decay;      // 1 - lr * wd (AdamW) or 1 (Adam)
+  float l2;         // wd (Adam) or 0 (AdamW)
+  float grad_mul;   // 1 / grad_scale, negated when maximizing
 };
 
 // In double, rounded once, as torch.optim does with Python floats: beta2^step for step ~1e5
@@ -46,23 +50,22 @@ PHI_HOST_DEVICE Adam_coeffs adam_coeffs(const Adam_hparams& h) {
   c.step_size = float(double(h.lr) / bc1);
   c.bc2_sqrt = float(sqrt(bc2));
   c.decay = h.adam_w_mode ? float(1.0 - double(h.lr) * double(h.weight_decay)) : 1.f;
+  c.l2 = h.adam_w_mode ? 0.f : h.weight_decay;
+  c.grad_mul = h.maximize ? -h.inv_grad_scale : h.inv_grad_scale;
   return c;
 }
 
-// Updates one element in place. `vmax` is read/written only when h.amsgrad.
+// Updates one element in place. `vmax` is read/written only when kAmsgrad.
+template <bool kAmsgrad>
 PHI_HOST_DEVICE void adam_update(float& p, float g, float& m, float& v, float& vmax, const Adam_hparams& h,
                                  const Adam_coeffs& c) {
-  g *= h.inv_grad_scale;
-  if (h.maximize) g = -g;
-  if (h.adam_w_mode) {
-    p *= c.decay;
-  } else {
-    g += h.weight_decay * p;
-  }
+  g *= c.grad_mul;
+  p *= c.decay;   // AdamW's decoupled decay
+  g += c.l2 * p;  // Adam's L2 term
   m += (1.f - h.beta1) * (g - m);
   v = h.beta2 * v + (1.f - h.beta2) * g * g;
   float vv = v;
-  if (h.amsgrad) {
+  if (kAmsgrad) {
     vmax = vmax > v ? vmax : v;
     vv = vmax;
   }

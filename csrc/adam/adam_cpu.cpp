@@ -23,7 +23,7 @@ void adam_chunk(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ 
     float pi = kMaster ? master[i] : to_float(p[i]);
     float mi = m[i], vi = v[i];
     float vmi = kAmsgrad ? vmax[i] : 0.f;
-    adam_update(pi, to_float(g[i]), mi, vi, vmi, h, c);
+    adam_update<kAmsgrad>(pi, to_float(g[i]), mi, vi, vmi, h, c);
     m[i] = mi;
     v[i] = vi;
     if (kAmsgrad) vmax[i] = vmi;

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kAdamThreads) adam_kernel(const Mta_table tabl
     float pi = kMaster ? master[i] : to_float(p[i]);
     float mi = m[i], vi = v[i];
     float vmi = kAmsgrad ? vmax[i] : 0.f;
-    adam_update(pi, to_float(g[i]), mi, vi, vmi, h, c);
+    adam_update<kAmsgrad>(pi, to_float(g[i]), mi, vi, vmi, h, c);
     m[i] = mi;
     v[i] = vi;
     if (kAmsgrad) vmax[i] = vmi;

@@ -40,7 +40,8 @@ void test_update_matches_double() {
       h.lr = 1e-2f; h.beta1 = 0.9f; h.beta2 = 0.98f; h.eps = 1e-7f; h.weight_decay = 0.1f;
       h.step = float(step); h.inv_grad_scale = scaled ? 1.f / 256.f : 1.f;
       h.adam_w_mode = adamw; h.bias_correction = true; h.amsgrad = amsgrad; h.maximize = maximize;
-      phi::adam_update(p, float(g), m, v, vmax, h, phi::adam_coeffs(h));
+      amsgrad ? phi::adam_update<true>(p, float(g), m, v, vmax, h, phi::adam_coeffs(h))
+              : phi::adam_update<false>(p, float(g), m, v, vmax, h, phi::adam_coeffs(h));
       adam_double(pd, g, md, vd, vmaxd, step, 1e-2, double(0.9f), double(0.98f), double(1e-7f), double(0.1f), adamw,
                   amsgrad, maximize, scaled ? 256.0 : 1.0);
     }
@@ -53,7 +54,7 @@ void test_bias_correction_off_and_coeffs() {
   h.lr = 0.1f; h.beta1 = 0.5f; h.beta2 = 0.75f; h.eps = 0.f; h.step = 1.f; h.inv_grad_scale = 1.f;
   h.bias_correction = false; h.adam_w_mode = true;
   float p = 2.f, m = 0.f, v = 0.f, vmax = 0.f;
-  phi::adam_update(p, 4.f, m, v, vmax, h, phi::adam_coeffs(h));
+  phi::adam_update<false>(p, 4.f, m, v, vmax, h, phi::adam_coeffs(h));
   // m = 2, v = 4, p = 2 - 0.1 * 2 / 2
   HOST_CHECK(std::fabs(p - 1.9f) < 1e-7f && m == 2.f && v == 4.f, "p=%g m=%g v=%g", p, m, v);
   h.bias_correction = true;
