@@ -162,6 +162,10 @@ CUDA_WORKLOADS: list[tuple[str, float, float, str]] = [
     # q and k, batch 4, seqlen 2048, 32 heads x 64, rotary 32, 16-bit, out-of-place.
     (r"rotary_kernel<(__half|__nv_bfloat16)>", 2 * 6 * 4 * 2048 * 32 * 16, 2 * 2 * 4 * 2048 * 32 * 64 * 2 + 2 * 2048 * 16 * 2,
      "q,k (4, 2048, 32, 64), rotary 32"),
+    # One AdamW step over all 1.42e9 phi-1.5 params: 28 B/param fp32, 30 B/param bf16 + fp32 master.
+    (r"adam_kernel<float, false, false>", 12 * 1_418_270_720, 28 * 1_418_270_720, "1.42B params, fp32"),
+    (r"adam_kernel<__nv_bfloat16, false, true>", 12 * 1_418_270_720, 30 * 1_418_270_720,
+     "1.42B params, bf16 + fp32 master"),
 ]
 
 

@@ -145,7 +145,7 @@ def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         MAXIMIZE=maximize, MASTER=bool(masters), DEVICE_SCALARS=device_scalars, BIAS_CORRECTION=bias_correction,
         HAS_GRAD_SCALE_PTR=grad_scale is not None and grad_scale.device.type != "cpu",
         HAS_FOUND_INF=found_inf is not None, BF16_AS_INT16=bf16_as_int16(params[0]), CHUNK=chunk,
-        num_warps=4,
+        num_warps=8,  # 8 elements per thread: ~100 registers instead of ~200 at 4 warps (static report)
     )
 
 
@@ -166,6 +166,6 @@ def aot_specs():
                       MASTER=master, DEVICE_SCALARS=False, BIAS_CORRECTION=True, HAS_GRAD_SCALE_PTR=False,
                       HAS_FOUND_INF=True, BF16_AS_INT16=False, CHUNK=2048)
         specs.append(AotSpec(f"adamw {dt}{' + fp32 master' if master else ''}", _adam_kernel, sig, consts,
-                             num_warps=4, num_stages=1, flops=12.0 * n, min_bytes=float(nbytes) * n,
+                             num_warps=8, num_stages=1, flops=12.0 * n, min_bytes=float(nbytes) * n,
                              shape=f"{n / 1e9:.2f}B params ({nbytes} B/param)"))
     return specs
