@@ -1,0 +1,272 @@
+"""Flash attention: public API (drop-in for flash-attention 2's), validation, op registration,
+autograd and backend dispatch.
+
+    out = flash_attn_func(q, k, v, causal=True)                     # q (b, sq, h, d), k/v (b, sk, h_kv, d)
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)   # packed (total, h, d)
+    out = flash_attn_qkvpacked_func(qkv, causal=True)               # qkv (b, s, 3, h, d)
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)  # lse fp32 (b, h, sq)
+
+Semantics (shared with the oracle phi_kernels/reference/flash_attn.py): causal masks are
+aligned to the bottom-right corner when seqlen_q != seqlen_k (flash-attention >= 2.1; what
+KV-cache decoding needs); window_size=(left, right) a sliding window, -1 unbounded; softcap>0
+caps scores with softcap * tanh(s / softcap); GQA/MQA when heads is a multiple of kv_heads;
+dropout drawn from a seed taken from torch's default generator, so torch.manual_seed makes it
+reproducible and the forward and backward see the same mask. A row that sees no key returns 0
+(and lse +inf). Memory is linear in the sequence length on the triton and cuda backends.
+
+Backends: "triton" (phi_kernels/triton/flash_attn_fwd.py, _bwd.py), "cuda" (csrc/flash_attn,
+when the extension has it: head_dim 64/128, fp16/bf16, no dropout), "cpu" (the reference for
+now: a dedicated CPU kernel is later work) and "ref" (the oracle; it materialises the
+attention matrix). Registered as torch.library custom ops phi_kernels::flash_attn_forward /
+flash_attn_backward with fake implementations and autograd, so torch.compile traces them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from phi_kernels import _extension
+from phi_kernels._backends import resolve_backend
+from phi_kernels.reference.flash_attn import flash_attn_ref
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (last dim), got strides {t.stride()}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    nd = 3 if cu_q is not None else 4
+    layout = "(total, heads, head_dim)" if nd == 3 else "(batch, seqlen, heads, head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != nd:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if nd == 4 and k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k's head_dim must equal q's ({head_dim}), got {k.shape[-1]}")
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be a multiple of 8 in [8, 256], got {head_dim}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
+    if len(window_size) != 2 or any(not isinstance(w, int) or w < -1 for w in window_size):
+        raise ValueError(f"window_size must be (left, right) ints >= -1 (-1 = unbounded), got {window_size!r}")
+    if cu_q is not None:
+        for name, cu, total, mx in (("cu_seqlens_q", cu_q, q.shape[0], max_q), ("cu_seqlens_k", cu_k, k.shape[0], max_k)):
+            if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+                raise ValueError(f"{name} must be a 1-D int32 tensor (batch + 1,), got "
+                                 f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}")
+            if cu.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+            if not isinstance(mx, int) or mx < 0:
+                raise ValueError(f"max_seqlen for {name} must be a non-negative int, got {mx!r}")
+            if not torch.compiler.is_compiling():
+                c = cu.cpu().long()
+                lengths = c[1:] - c[:-1]
+                if int(c[0]) != 0 or bool((lengths < 0).any()) or int(c[-1]) != total:
+                    raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total} (the packed "
+                                     f"length), got {c.tolist()}")
+                if int(lengths.max()) > mx:
+                    raise ValueError(f"max_seqlen {mx} is below the longest sequence in {name} ({int(lengths.max())})")
+        if cu_k.numel() != cu_q.numel():
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+                             f"got {cu_q.numel()} and {cu_k.numel()}")
+
+
+def _window(causal: bool, window_size) -> tuple[int, int]:
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _why_not_cuda(q: Tensor, dropout_p: float, softcap: float) -> str | None:
+    if not _extension.has_kernel("flash_attn_fwd", "CUDA"):
+        return "phi_kernels._C has no CUDA flash attention kernels"
+    if q.shape[-1] not in (64, 128):
+        return f"head_dim {q.shape[-1]} (the CUDA kernels have 64 and 128)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (the CUDA kernels take float16 and bfloat16)"
+    if dropout_p > 0:
+        return "dropout (not implemented in the CUDA kernels yet)"
+    if softcap > 0:
+        return "softcap (not implemented in the CUDA kernels yet)"
+    return None
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def _empty_lse(q: Tensor, varlen: bool, max_q: int) -> Tensor:
+    if varlen:
+        return torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    return torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("phi_kernels::flash_attn_forward", mutates_args=())
+def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
+             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+             softcap: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
+    varlen = cu_seqlens_q is not None
+    if backend in ("ref", "cpu"):
+        out, lse = flash_attn_ref(q, k, v, softmax_scale=softmax_scale, window_size=(window_left, window_right),
+                                  softcap=softcap, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
+                                  cu_seqlens_k=cu_seqlens_k)
+        return out.contiguous(), lse.contiguous()
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = _empty_lse(q, varlen, max_seqlen_q)
+    if backend == "cuda":
+        # The C++ op's `causal` flag is implied by window_right == 0 here (windows carry it).
+        torch.ops.phi_kernels.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             softmax_scale, False, window_left, window_right, softcap, out, lse)
+    else:
+        from phi_kernels.triton.flash_attn_fwd import flash_attn_fwd_triton
+
+        flash_attn_fwd_triton(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              softmax_scale, window_left, window_right, softcap, dropout_p, seed)
+    return out, lse
+
+
+@_forward.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+      softcap, dropout_p, seed, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), _empty_lse(q, cu_seqlens_q is not None,
+                                                                                   max_seqlen_q)
+
+
+@torch.library.custom_op("phi_kernels::flash_attn_backward", mutates_args=())
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor | None,
+              cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+              window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int,
+              deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend in ("ref", "cpu"):
+        # The reference's backward is autograd through its forward (recomputed here).
+        with torch.enable_grad():
+            qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+            o, _ = flash_attn_ref(qr, kr, vr, softmax_scale=softmax_scale, window_size=(window_left, window_right),
+                                  softcap=softcap, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
+                                  cu_seqlens_k=cu_seqlens_k)
+            dq, dk, dv = torch.autograd.grad(o, (qr, kr, vr), dout)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    if backend == "cuda":
+        torch.ops.phi_kernels.flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, softmax_scale, False, window_left, window_right, softcap,
+                                             deterministic, dq, dk, dv)
+    else:
+        from phi_kernels.triton.flash_attn_bwd import flash_attn_bwd_triton
+
+        flash_attn_bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p, seed)
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+      window_right, softcap, dropout_p, seed, deterministic, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, dropout_p, seed, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale, wl, wr, softcap, dropout_p, seed)
+    ctx.backend = backend
+
+
+def _autograd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, scale, wl, wr, softcap, dropout_p, seed = ctx.args
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, dropout_p,
+                           seed, True, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
+               deterministic, return_attn_probs, backend):
+    _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    wl, wr = _window(causal, window_size)
+    name = resolve_backend("flash_attn", q.device, backend,
+                           supported=("cuda", "triton", "cpu", "ref"),
+                           why_not=lambda n: _why_not_cuda(q, dropout_p, softcap) if n == "cuda" else None)
+    # The dropout seed comes from torch's default generator: torch.manual_seed reproduces it.
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    if cu_q is None:
+        max_q, max_k = q.shape[1], k.shape[1]
+    out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, float(scale), wl, wr, float(softcap), float(dropout_p),
+                        seed, name)
+    # Every backward here is deterministic (no atomics), so `deterministic` needs no switch.
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    deterministic: bool = False, return_attn_probs: bool = False, *, backend: str | None = None):
+    """softmax(q k^T * scale [masked]) v for q (batch, seqlen_q, heads, d), k/v (batch, seqlen_k,
+    kv_heads, d). softmax_scale defaults to 1/sqrt(d). With return_attn_probs, returns
+    (out, lse, None): lse is the fp32 log-sum-exp per row (batch, heads, seqlen_q); the
+    probabilities themselves are never materialised (the third value is None)."""
+    return _attention(q, k, v, None, None, None, None, dropout_p, softmax_scale, causal, window_size, softcap,
+                      deterministic, return_attn_probs, backend)
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           deterministic: bool = False, return_attn_probs: bool = False, *,
+                           backend: str | None = None):
+    """Packed variable-length sequences: q (total_q, heads, d), k/v (total_k, kv_heads, d),
+    sequence b at rows cu_seqlens[b]:cu_seqlens[b+1] (int32). No token attends across
+    sequences. lse (with return_attn_probs) is (heads, total_q)."""
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k are required (int32 tensors of shape (batch + 1,))")
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                      causal, window_size, softcap, deterministic, return_attn_probs, backend)
+
+
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                              causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                              deterministic: bool = False, return_attn_probs: bool = False, *,
+                              backend: str | None = None):
+    """qkv (batch, seqlen, 3, heads, d): q, k and v are strided views of it (no copies)."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError("qkv must be (batch, seqlen, 3, heads, head_dim), got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, deterministic, return_attn_probs, backend=backend)

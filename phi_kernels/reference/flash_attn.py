@@ -1,0 +1,116 @@
+"""Attention in plain PyTorch (materialises the score matrix): the `ref` backend of
+flash_attn_func and the tests' oracle. Same semantics as the kernels:
+
+- scores s = softmax_scale * q k^T, then softcap * tanh(s / softcap) when softcap > 0;
+- key j is visible from query i (0-based within its sequence) iff
+      i + sk - sq - left <= j <= i + sk - sq + right     (bottom-right aligned window)
+  with left/right = infinity for -1; causal means right = 0;
+- GQA: query head h reads kv head h // (heads / kv_heads);
+- dropout on the probabilities, kept with probability 1 - p and scaled by 1 / (1 - p), the
+  mask drawn by `dropout_keep_mask` from (seed, batch * heads + head, row, col), the same hash
+  the kernels use, so the reference reproduces a kernel's mask exactly;
+- a row with no visible key outputs 0 and has LSE = +inf (so exp(s - lse) = 0 in a backward).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_M = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer finalizer (xor-shift-multiply), in int64 arithmetic masked to 32 bits."""
+    x = x & _M
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(seed: int, bh: Tensor, rows: Tensor, cols: Tensor, p: float) -> Tensor:
+    """Keep mask (True = kept) for (batch*head, row, col) index tensors that broadcast together.
+    Kernels compute the same: h = mix(mix(mix(seed ^ bh * 0x9E3779B9) ^ row) ^ col), keep iff
+    (h >> 8) / 2^24 >= p."""
+    h = _mix32((seed ^ (bh.long() * 0x9E3779B9)) & _M)
+    h = _mix32(h ^ rows.long())
+    h = _mix32(h ^ cols.long())
+    return (h >> 8).double() / 2.0**24 >= p
+
+
+def _visible(sq: int, sk: int, window: tuple[int, int], device) -> Tensor:
+    i = torch.arange(sq, device=device).view(sq, 1)
+    j = torch.arange(sk, device=device).view(1, sk)
+    left, right = window
+    ok = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        ok &= j >= i + sk - sq - left
+    if right >= 0:
+        ok &= j <= i + sk - sq + right
+    return ok
+
+
+def _attention_one(q, k, v, scale, window, softcap, dropout_p, seed, bh_offset, compute):
+    """q (sq, H, D), k/v (sk, Hkv, D) -> out (sq, H, D), lse (H, sq)."""
+    sq, h, _ = q.shape
+    sk, hkv, _ = k.shape
+    g = h // hkv
+    qf = q.to(compute).transpose(0, 1)  # (H, sq, D)
+    kf = k.to(compute).transpose(0, 1).repeat_interleave(g, 0)  # (H, sk, D)
+    vf = v.to(compute).transpose(0, 1).repeat_interleave(g, 0)
+    s = scale * qf @ kf.transpose(1, 2)  # (H, sq, sk)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    vis = _visible(sq, sk, window, q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (H, sq); -inf for empty rows
+    empty = torch.isneginf(lse)
+    p = torch.exp(s - lse.masked_fill(empty, 0).unsqueeze(-1)).masked_fill(empty.unsqueeze(-1), 0)
+    if dropout_p > 0:
+        bh = bh_offset + torch.arange(h, device=q.device).view(h, 1, 1)
+        keep = dropout_keep_mask(seed, bh, torch.arange(sq, device=q.device).view(1, sq, 1),
+                                 torch.arange(sk, device=q.device).view(1, 1, sk), dropout_p)
+        p = torch.where(keep, p / (1 - dropout_p), torch.zeros((), dtype=p.dtype, device=p.device))
+    out = (p @ vf).transpose(0, 1)  # (sq, H, D)
+    return out, lse.masked_fill(empty, math.inf)
+
+
+def flash_attn_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    softmax_scale: float,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Returns (out in q's dtype, lse fp32): lse (batch, heads, seqlen_q), or (heads, total_q)
+    for packed inputs. Math in fp32 (fp64 for fp64 inputs) when upcast, else in q's dtype
+    (what a plain low-precision implementation would do: the error yardstick of the tests)."""
+    compute = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
+    heads = q.shape[-2]
+    if cu_seqlens_q is None:
+        outs, lses = [], []
+        for b in range(q.shape[0]):
+            o, lse = _attention_one(q[b], k[b], v[b], softmax_scale, window_size, softcap, dropout_p, seed,
+                                    b * heads, compute)
+            outs.append(o)
+            lses.append(lse)
+        return torch.stack(outs).to(q.dtype), torch.stack(lses).float()
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.zeros(q.shape, dtype=compute, device=q.device)
+    lse = torch.full((heads, q.shape[0]), math.inf, dtype=torch.float32, device=q.device)
+    for b in range(len(cq) - 1):
+        o, l_ = _attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale,
+                               window_size, softcap, dropout_p, seed, b * heads, compute)
+        out[cq[b]:cq[b + 1]] = o
+        lse[:, cq[b]:cq[b + 1]] = l_.float()
+    return out.to(q.dtype), lse

@@ -1,0 +1,314 @@
+"""Flash attention backward, Triton kernels (FlashAttention-2 algorithm, no atomics).
+
+Contract: as flash_attn_fwd.py, plus dout like q, the forward's out and lse, and dq/dk/dv
+written like q/k/v. Math (P recomputed from lse, Z the dropout scaling 1/(1-p) or 0):
+    P = exp(S - lse),  dV = (P*Z)^T dO,  dP = (dO V^T) * Z,  D = rowsum(dO * O),
+    dS = P * (dP - D) [* (1 - tanh^2) with softcap],  dQ = scale dS K,  dK = scale dS^T Q
+(rowsum(dP * P) = rowsum(dO * O) holds with dropout too, so D comes from O.)
+Kernels:
+  _bwd_preprocess  grid (cdiv(sq, BLOCK_M), batch*heads): D = rowsum(dO * O) in fp32.
+  _bwd_dkdv        grid (cdiv(sk, BLOCK_N), batch*kv_heads): a program owns one K/V tile and
+                   loops over the query heads of its GQA group and their query tiles, so dK/dV
+                   are summed in registers: no atomics, bitwise deterministic.
+  _bwd_dq          grid (cdiv(sq, BLOCK_M), batch*heads): a program owns one Q tile, loops over K/V.
+All accumulation in fp32; every run gives the same bits (deterministic=True costs nothing).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from phi_kernels.triton.flash_attn_fwd import LOG2E, dropout_keep, key_range, load_tile, scores, seq_bounds, visible
+
+
+@triton.jit
+def _store_tile(ptr, rows, cols, stride_row, n_rows, n_cols, x, BF16_AS_INT16: tl.constexpr):
+    ptrs = ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    if BF16_AS_INT16:
+        bits = x.to(tl.int32, bitcast=True)
+        tl.store(ptrs, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16), mask=mask)
+    else:
+        tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_preprocess(
+    OUT, DOUT, DELTA, CU_Q, CU_K,
+    stride_ob, stride_om, stride_oh, stride_db, stride_dm, stride_dh, stride_lb, stride_lh,
+    heads, seqlen_q, seqlen_k, head_dim,
+    IS_VARLEN: tl.constexpr, BF16_AS_INT16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    q_start, q_len, k_start, k_len = seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_tile(OUT + b.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_om + h * stride_oh, rows, offs_d,
+                  stride_om, q_len, head_dim, BF16_AS_INT16)
+    do = load_tile(DOUT + b.to(tl.int64) * stride_db + q_start.to(tl.int64) * stride_dm + h * stride_dh, rows, offs_d,
+                   stride_dm, q_len, head_dim, BF16_AS_INT16)
+    tl.store(DELTA + b.to(tl.int64) * stride_lb + h * stride_lh + q_start + rows, tl.sum(o * do, 1), mask=rows < q_len)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Qb, DOb, Lb, Db, stride_qm, stride_dom, cols, offs_d, head_dim, q_len, k_len,
+                blk_start, blk_end, qk_scale, softcap, window_left, window_right, seed, bh, dropout_p,
+                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr,
+                BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    for blk in range(blk_start, blk_end):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = load_tile(Qb, rows, offs_d, stride_qm, q_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        do = load_tile(DOb, rows, offs_d, stride_dom, q_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        lse = tl.load(Lb + rows, mask=rows < q_len, other=float("inf"))
+        delta = tl.load(Db + rows, mask=rows < q_len, other=0.0)
+        s, t = scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+        p = tl.exp2(s - (lse * LOG2E)[:, None])  # rows with lse = +inf give 0
+        if MASKED:
+            p = tl.where(visible(rows, cols, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, dropout_p)
+            pz = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        else:
+            pz = p
+        dv += tl.dot(tl.trans(pz.to(DOT_DTYPE)), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def query_range(n0, n1, q_len, k_len, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """For the real key columns [n0, n1) of a tile: query tiles [lo, hi) that see some of them
+    and [full_lo, full_hi) whose rows all see every one of them (tile indices, nested)."""
+    off = k_len - q_len  # key j is visible from row i iff i + off - left <= j <= i + off + right
+    lo = 0
+    hi = q_len
+    full_lo = 0
+    full_hi = q_len
+    if HAS_RIGHT:  # j <= i + off + right  <=>  i >= j - off - right
+        lo = tl.maximum(n0 - off - window_right, 0)
+        full_lo = tl.maximum(n1 - 1 - off - window_right, 0)
+    if HAS_LEFT:  # j >= i + off - left  <=>  i <= j - off + left
+        hi = tl.minimum(n1 - 1 - off + window_left + 1, q_len)
+        full_hi = tl.minimum(n0 - off + window_left + 1, q_len)
+    lo_blk = lo // BLOCK_M
+    hi_blk = tl.maximum(tl.cdiv(tl.maximum(hi, 0), BLOCK_M), lo_blk)
+    full_lo_blk = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_M), lo_blk), hi_blk)
+    full_hi_blk = tl.maximum(tl.minimum(tl.maximum(full_hi, 0) // BLOCK_M, hi_blk), full_lo_blk)
+    return lo_blk, full_lo_blk, full_hi_blk, hi_blk
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, DOUT, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_lb, stride_lh,
+    heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, qk_scale, softcap, window_left, window_right,
+    dropout_p, seed,
+    IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = bkv // kv_heads
+    kvh = bkv % kv_heads
+    q_start, q_len, k_start, k_len = seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 < k_len:
+        cols = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        Kb = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kvh * stride_kh
+        Vb = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kvh * stride_vh
+        k = load_tile(Kb, cols, offs_d, stride_kn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        v = load_tile(Vb, cols, offs_d, stride_vn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        n1 = tl.minimum(n0 + BLOCK_N, k_len)
+        lo, full_lo, full_hi, hi = query_range(n0, n1, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT,
+                                               BLOCK_M)
+        for g in range(group):  # the query heads reading this kv head, summed in order
+            h = kvh * group + g
+            bh = b * heads + h
+            Qb = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qm + h * stride_qh
+            DOb = DOUT + b.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dom + h * stride_doh
+            Lb = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start
+            Db = DELTA + b.to(tl.int64) * stride_lb + h * stride_lh + q_start
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qb, DOb, Lb, Db, stride_qm, stride_dom, cols, offs_d, head_dim, q_len,
+                                 k_len, lo, full_lo, qk_scale, softcap, window_left, window_right, seed, bh,
+                                 dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16,
+                                 BLOCK_M, DOT_DTYPE)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qb, DOb, Lb, Db, stride_qm, stride_dom, cols, offs_d, head_dim, q_len,
+                                 k_len, full_lo, full_hi, qk_scale, softcap, window_left, window_right, seed, bh,
+                                 dropout_p, False, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16,
+                                 BLOCK_M, DOT_DTYPE)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qb, DOb, Lb, Db, stride_qm, stride_dom, cols, offs_d, head_dim, q_len,
+                                 k_len, full_hi, hi, qk_scale, softcap, window_left, window_right, seed, bh,
+                                 dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16,
+                                 BLOCK_M, DOT_DTYPE)
+        # dK = scale * dS^T Q: scale once here (scores() folded it into the exponent).
+        _store_tile(DK + b.to(tl.int64) * stride_dkb + k_start.to(tl.int64) * stride_dkn + kvh * stride_dkh, cols,
+                    offs_d, stride_dkn, k_len, head_dim, dk * qk_scale, BF16_AS_INT16)
+        _store_tile(DV + b.to(tl.int64) * stride_dvb + k_start.to(tl.int64) * stride_dvn + kvh * stride_dvh, cols,
+                    offs_d, stride_dvn, k_len, head_dim, dv, BF16_AS_INT16)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len,
+              blk_start, blk_end, qk_scale, softcap, window_left, window_right, seed, bh, dropout_p,
+              MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    for blk in range(blk_start, blk_end):
+        cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = load_tile(Kb, cols, offs_d, stride_kn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        v = load_tile(Vb, cols, offs_d, stride_vn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        s, t = scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+        p = tl.exp2(s - (lse * LOG2E)[:, None])
+        if MASKED:
+            p = tl.where(visible(rows, cols, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(DOT_DTYPE), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq(
+    Q, K, V, DOUT, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+    heads, group, seqlen_q, seqlen_k, head_dim, qk_scale, softcap, window_left, window_right, dropout_p, seed,
+    IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    q_start, q_len, k_start, k_len = seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 < q_len:
+        kvh = h // group
+        rows = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        Qb = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qm + h * stride_qh
+        DOb = DOUT + b.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dom + h * stride_doh
+        Kb = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kvh * stride_kh
+        Vb = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kvh * stride_vh
+        q = load_tile(Qb, rows, offs_d, stride_qm, q_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        do = load_tile(DOb, rows, offs_d, stride_dom, q_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        Lb = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start
+        lse = tl.load(Lb + rows, mask=rows < q_len, other=float("inf"))
+        delta = tl.load(DELTA + b.to(tl.int64) * stride_lb + h * stride_lh + q_start + rows, mask=rows < q_len,
+                        other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m1 = tl.minimum(m0 + BLOCK_M, q_len)
+        lo, full_lo, full_hi, hi = key_range(m0, m1, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT,
+                                             BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len, lo,
+                       full_lo, qk_scale, softcap, window_left, window_right, seed, bh, dropout_p, True, SOFTCAP,
+                       HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
+        dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len,
+                       full_lo, full_hi, qk_scale, softcap, window_left, window_right, seed, bh, dropout_p, False,
+                       SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
+        dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len,
+                       full_hi, hi, qk_scale, softcap, window_left, window_right, seed, bh, dropout_p, True, SOFTCAP,
+                       HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
+        _store_tile(DQ + b.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqm + h * stride_dqh, rows,
+                    offs_d, stride_dqm, q_len, head_dim, dq * qk_scale, BF16_AS_INT16)
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def flash_attn_bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          softmax_scale, window_left, window_right, softcap, dropout_p, seed):
+    """Writes dq, dk, dv (bitwise deterministic: no atomics). Arguments validated upstream."""
+    import torch
+
+    from phi_kernels.triton._interp import kernel_view
+    from phi_kernels.triton.flash_attn_fwd import _strides3, launch_config
+
+    varlen = cu_seqlens_q is not None
+    heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    if batch == 0:
+        return
+    cfg, num_warps = launch_config(q, head_dim)
+    delta = torch.empty_like(lse)
+    lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    kq, kk, kv, ko, kdo = (kernel_view(t) for t in (q, k, v, out, dout))
+    stages = 1 if q.device.type == "cpu" else 2
+    flags = dict(IS_VARLEN=varlen, SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                 DROPOUT=dropout_p > 0)
+    if max_seqlen_q > 0:
+        _bwd_preprocess[(triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * heads)](
+            ko, kdo, delta, cu_seqlens_q, cu_seqlens_k, *_strides3(out, varlen), *_strides3(dout, varlen),
+            *lse_strides, heads, max_seqlen_q, max_seqlen_k, head_dim, IS_VARLEN=varlen,
+            BF16_AS_INT16=cfg["BF16_AS_INT16"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=num_warps)
+    scalars = (max_seqlen_q, max_seqlen_k, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed)
+    if max_seqlen_k > 0:
+        _bwd_dkdv[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), batch * kv_heads)](
+            kq, kk, kv, kdo, lse, delta, kernel_view(dk), kernel_view(dv), cu_seqlens_q, cu_seqlens_k,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+            *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides,
+            heads, kv_heads, heads // kv_heads, *scalars, **flags, num_warps=num_warps, num_stages=stages, **cfg)
+    if max_seqlen_q > 0:
+        _bwd_dq[(triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * heads)](
+            kq, kk, kv, kdo, lse, delta, kernel_view(dq), cu_seqlens_q, cu_seqlens_k,
+            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+            *_strides3(dq, varlen), *lse_strides,
+            heads, heads // kv_heads, *scalars, **flags, num_warps=num_warps, num_stages=stages, **cfg)
+
+
+def aot_specs():
+    """Backward at phi-1.5 shapes (b4 s2048 h32 d64 causal, and d128): dK/dV and dQ kernels.
+    FLOPs: 2.5 x forward in flash-attention's convention, split 60/40 between the two."""
+    from phi_kernels.triton.aot import AotSpec
+
+    specs = []
+    b, s, h = 4, 2048, 32
+    strides = {"q": ("qb", "qm", "qh"), "k": ("kb", "kn", "kh"), "v": ("vb", "vn", "vh"), "do": ("dob", "dom", "doh")}
+    for dt in ("fp16", "bf16"):
+        for d in (64, 128):
+            common = dict(SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=True, DROPOUT=False, PRECISION="tf32",
+                          BF16_AS_INT16=False, DOT_DTYPE=tl.float16 if dt == "fp16" else tl.bfloat16, IS_VARLEN=False,
+                          BLOCK_M=64, BLOCK_N=64 if d <= 64 else 32, BLOCK_D=d)
+            scal = {"seqlen_q": "i32", "seqlen_k": "i32", "head_dim": "i32", "qk_scale": "fp32", "softcap": "fp32",
+                    "window_left": "i32", "window_right": "i32", "dropout_p": "fp32", "seed": "i32"}
+            fwd_flops = 4 * b * s * s * h * d / 2
+            io = b * s * h * d * 2
+            sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DOUT": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32",
+                   "DK": f"*{dt}", "DV": f"*{dt}", "CU_Q": "*i32", "CU_K": "*i32"}
+            for names in list(strides.values()) + [("dkb", "dkn", "dkh"), ("dvb", "dvn", "dvh"), ("lb", "lh")]:
+                sig.update({f"stride_{n}": "i64" for n in names})
+            sig.update({"heads": "i32", "kv_heads": "i32", "group": "i32", **scal})
+            specs.append(AotSpec(f"flash bwd dk/dv {dt} d{d} causal", _bwd_dkdv, sig, common,
+                                 num_warps=4 if d <= 64 else 8, num_stages=2, flops=1.5 * fwd_flops,
+                                 min_bytes=6 * io, shape=f"b{b} s{s} h{h} d{d} causal", tensor_core=True))
+            sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DOUT": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32",
+                   "DQ": f"*{dt}", "CU_Q": "*i32", "CU_K": "*i32"}
+            for names in list(strides.values()) + [("dqb", "dqm", "dqh"), ("lb", "lh")]:
+                sig.update({f"stride_{n}": "i64" for n in names})
+            sig.update({"heads": "i32", "group": "i32", **scal})
+            specs.append(AotSpec(f"flash bwd dq {dt} d{d} causal", _bwd_dq, sig, common,
+                                 num_warps=4 if d <= 64 else 8, num_stages=2, flops=1.0 * fwd_flops,
+                                 min_bytes=5 * io, shape=f"b{b} s{s} h{h} d{d} causal", tensor_core=True))
+    return specs

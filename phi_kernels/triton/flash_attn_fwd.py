@@ -1,0 +1,278 @@
+"""Flash attention forward, Triton kernel (FlashAttention-2 algorithm).
+
+Contract (validated by phi_kernels/flash_attn.py):
+  q (batch, seqlen_q, heads, d) and k, v (batch, seqlen_k, kv_heads, d), or packed
+  (total, heads, d) with int32 cu_seqlens_q / cu_seqlens_k (batch + 1); head_dim d a multiple
+  of 8 up to 256 (tiles use the next power of two, masked); any strides with d contiguous.
+  out like q; lse fp32 (batch, heads, seqlen_q), or (heads, total_q) packed.
+Semantics as phi_kernels/reference/flash_attn.py: scale, optional tanh softcap, bottom-right
+aligned causal/sliding window, GQA (head h reads kv head h // group), dropout from a seed with
+the reference's hash, empty rows -> out 0, lse +inf.
+Grid: (cdiv(max_seqlen_q, BLOCK_M), batch * heads). A program owns BLOCK_M query rows of one
+head, streams K/V in BLOCK_N tiles and keeps the online softmax (running max m, sum l, acc) in
+fp32 registers; exponentials in base 2 (scale folded with log2 e). The key range is split into
+tiles that every row sees entirely (no mask arithmetic) and boundary tiles (masked).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from phi_kernels.triton._interp import load_as_fp32
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mix32(x):
+    # uint32 constants, so products wrap mod 2^32 (an int literal above 2^31 would be int64).
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, cols, p):
+    """Same hash as reference.flash_attn.dropout_keep_mask, in uint32 arithmetic (wraps)."""
+    h = _mix32(seed.to(tl.uint32) ^ (bh.to(tl.uint32) * tl.full([], 0x9E3779B9, tl.uint32)))
+    h = _mix32(h ^ rows.to(tl.uint32)[:, None])
+    h = _mix32(h ^ cols.to(tl.uint32)[None, :])
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, n_rows, n_cols, BF16_AS_INT16: tl.constexpr):
+    """[len(rows), len(cols)] tile of a (row, col) matrix with unit col stride, zero-padded."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return load_as_fp32(ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :], mask, BF16_AS_INT16)
+
+
+@triton.jit
+def seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(first row of sequence b in q, its length; the same for k). 0 for the padded layout."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        k_len = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = seqlen_q
+        k_start = 0
+        k_len = seqlen_k
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores in log2 units: log2(e) * softcap(scale * q k^T). Returns (s2, tanh) (tanh for the
+    softcap derivative; 0 without softcap)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if SOFTCAP:
+        # tanh(x) = 2 sigmoid(2x) - 1 (libdevice tanh is unavailable in the interpreter)
+        t = 2.0 * tl.sigmoid(2.0 * s * (qk_scale / softcap)) - 1.0
+        return (softcap * LOG2E) * t, t
+    return s * (qk_scale * LOG2E), s * 0.0
+
+
+@triton.jit
+def visible(rows, cols, q_len, k_len, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Mask of keys visible from queries (bottom-right aligned window), inside both lengths."""
+    diag = rows[:, None] + (k_len - q_len)
+    ok = (cols[None, :] < k_len) & (rows[:, None] < q_len)
+    if HAS_LEFT:
+        ok = ok & (cols[None, :] >= diag - window_left)
+    if HAS_RIGHT:
+        ok = ok & (cols[None, :] <= diag + window_right)
+    return ok
+
+
+@triton.jit
+def key_range(m0, m1, q_len, k_len, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """For the real query rows [m0, m1) of a tile: key tiles [lo, hi) that some row sees, and
+    the tiles [full_lo, full_hi) inside it that every row sees entirely (no masking needed).
+    Returned as tile indices, lo <= full_lo <= full_hi <= hi."""
+    off = k_len - q_len  # bottom-right alignment: row i's diagonal is key i + off
+    lo = 0
+    hi = k_len
+    full_lo = 0
+    full_hi = k_len
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + off - window_left, 0)
+        full_lo = tl.maximum(m1 - 1 + off - window_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(m1 - 1 + off + window_right + 1, k_len)
+        full_hi = tl.minimum(m0 + off + window_right + 1, k_len)
+    lo_blk = lo // BLOCK_N
+    hi_blk = tl.maximum(tl.cdiv(tl.maximum(hi, 0), BLOCK_N), lo_blk)
+    full_lo_blk = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N), lo_blk), hi_blk)
+    full_hi_blk = tl.maximum(tl.minimum(tl.maximum(full_hi, 0) // BLOCK_N, hi_blk), full_lo_blk)
+    return lo_blk, full_lo_blk, full_hi_blk, hi_blk
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len,
+               blk_start, blk_end, qk_scale, softcap, window_left, window_right, seed, bh, dropout_p,
+               MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    for blk in range(blk_start, blk_end):
+        cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = load_tile(K, cols, offs_d, stride_kn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        v = load_tile(V, cols, offs_d, stride_vn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        s, _t = scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
+        if MASKED:
+            s = tl.where(visible(rows, cols, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT), s,
+                         float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, dropout_p)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, OUT, LSE, CU_Q, CU_K,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
+    heads, group, seqlen_q, seqlen_k, head_dim, qk_scale, softcap, window_left, window_right, dropout_p, seed,
+    IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    q_start, q_len, k_start, k_len = seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 < q_len:
+        kvh = h // group
+        Qb = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qm + h * stride_qh
+        Kb = K + b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_kn + kvh * stride_kh
+        Vb = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vn + kvh * stride_vh
+        rows = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = load_tile(Qb, rows, offs_d, stride_qm, q_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m1 = tl.minimum(m0 + BLOCK_M, q_len)
+        lo, full_lo, full_hi, hi = key_range(m0, m1, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT,
+                                             BLOCK_N)
+        # Boundary tiles with masks, fully visible tiles without, boundary tiles again.
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len,
+                                   k_len, lo, full_lo, qk_scale, softcap, window_left, window_right, seed, bh,
+                                   dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16,
+                                   BLOCK_N, DOT_DTYPE)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len,
+                                   k_len, full_lo, full_hi, qk_scale, softcap, window_left, window_right, seed, bh,
+                                   dropout_p, False, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16,
+                                   BLOCK_N, DOT_DTYPE)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len,
+                                   k_len, full_hi, hi, qk_scale, softcap, window_left, window_right, seed, bh,
+                                   dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16,
+                                   BLOCK_N, DOT_DTYPE)
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        # lse in natural-log units; +inf for rows that saw no key (their backward p is 0).
+        lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+        Ob = OUT + b.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_om + h * stride_oh
+        o_ptrs = Ob + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :]
+        o_mask = (rows[:, None] < q_len) & (offs_d[None, :] < head_dim)
+        if BF16_AS_INT16:
+            bits = out.to(tl.int32, bitcast=True)
+            tl.store(o_ptrs, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16), mask=o_mask)
+        else:
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+        Lb = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start
+        tl.store(Lb + rows, lse, mask=rows < q_len)
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def _strides3(t, varlen):
+    """(batch, row, head) strides; batch stride 0 for the packed layout."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def launch_config(q, head_dim):
+    """Tile sizes and dot precision shared by forward and backward."""
+    import torch
+
+    from phi_kernels.triton._interp import bf16_as_int16
+
+    interp = q.device.type == "cpu"
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interp:  # the interpreter runs programs one by one: fewer, larger tiles are faster
+        block_m, block_n = 64, 64
+    else:
+        block_m, block_n = (64, 64) if block_d <= 64 else (64, 32) if block_d <= 128 else (32, 32)
+    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[q.dtype]
+    if bf16_as_int16(q):
+        dot_dtype = tl.float32  # interpreter: bf16 is decoded to fp32 on load
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs get true fp32 dots
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                BF16_AS_INT16=bf16_as_int16(q)), (4 if block_d <= 64 else 8)
+
+
+def flash_attn_fwd_triton(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                          window_left, window_right, softcap, dropout_p, seed):
+    """Writes out and lse. Arguments validated by phi_kernels.flash_attn."""
+    from phi_kernels.triton._interp import kernel_view
+
+    varlen = cu_seqlens_q is not None
+    heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    if batch == 0 or max_seqlen_q == 0:
+        return
+    cfg, num_warps = launch_config(q, head_dim)
+    lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * heads)
+    _flash_fwd_kernel[grid](
+        kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse, cu_seqlens_q, cu_seqlens_k,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen), *lse_strides,
+        heads, heads // kv_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale, softcap,
+        window_left, window_right, dropout_p, seed,
+        IS_VARLEN=varlen, SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        DROPOUT=dropout_p > 0, num_warps=num_warps, num_stages=1 if q.device.type == "cpu" else 2, **cfg,
+    )
+
+
+def aot_specs():
+    """phi-1.5 attention for the static report: batch 4 x seqlen 2048, 32 heads x 64, causal;
+    and head_dim 128. Forward FLOPs 4*b*s^2*h*d / 2 (causal), flash-attention's convention."""
+    from phi_kernels.triton.aot import AotSpec
+
+    specs = []
+    b, s, h = 4, 2048, 32
+    for dt in ("fp16", "bf16"):
+        for d in (64, 128):
+            sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "OUT": f"*{dt}", "LSE": "*fp32", "CU_Q": "*i32",
+                   "CU_K": "*i32"}
+            sig.update({f"stride_{n}": "i64" for n in ("qb", "qm", "qh", "kb", "kn", "kh", "vb", "vn", "vh", "ob",
+                                                       "om", "oh", "lb", "lh")})
+            sig.update({"heads": "i32", "group": "i32", "seqlen_q": "i32", "seqlen_k": "i32", "head_dim": "i32",
+                        "qk_scale": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32",
+                        "dropout_p": "fp32", "seed": "i32"})
+            bm, bn = (64, 64) if d <= 64 else (64, 32)
+            consts = dict(IS_VARLEN=False, SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=True, DROPOUT=False,
+                          PRECISION="tf32", BF16_AS_INT16=False,
+                          DOT_DTYPE=tl.float16 if dt == "fp16" else tl.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d)
+            flops = 4 * b * s * s * h * d / 2
+            nbytes = 4 * b * s * h * d * 2 + b * h * s * 4
+            specs.append(AotSpec(f"flash fwd {dt} d{d} causal", _flash_fwd_kernel, sig, consts,
+                                 num_warps=4 if d <= 64 else 8, num_stages=2, flops=flops, min_bytes=nbytes,
+                                 shape=f"b{b} s{s} h{h} d{d} causal", tensor_core=True))
+    return specs
