@@ -17,8 +17,9 @@ reproducible and the forward and backward see the same mask. A row that sees no 
 Backends: "triton" (phi_kernels/triton/flash_attn_fwd.py, _bwd.py), "cuda" (csrc/flash_attn,
 when the extension has it: head_dim 64/128, fp16/bf16, no dropout), "cpu" (the reference for
 now: a dedicated CPU kernel is later work) and "ref" (the oracle; it materialises the
-attention matrix). Registered as torch.library custom ops phi_kernels::flash_attn_forward /
-flash_attn_backward with fake implementations and autograd, so torch.compile traces them.
+attention matrix and autograd differentiates it). The kernel backends are registered as
+torch.library custom ops phi_kernels::flash_attn_forward / flash_attn_backward with fake
+implementations and autograd, so torch.compile traces them.
 """
 from __future__ import annotations
 
@@ -130,11 +131,6 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_se
              max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
              softcap: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
     varlen = cu_seqlens_q is not None
-    if backend in ("ref", "cpu"):
-        out, lse = flash_attn_ref(q, k, v, softmax_scale=softmax_scale, window_size=(window_left, window_right),
-                                  softcap=softcap, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
-                                  cu_seqlens_k=cu_seqlens_k)
-        return out.contiguous(), lse.contiguous()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = _empty_lse(q, varlen, max_seqlen_q)
     if backend == "cuda":
@@ -161,15 +157,6 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
               cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
               window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int,
               deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend in ("ref", "cpu"):
-        # The reference's backward is autograd through its forward (recomputed here).
-        with torch.enable_grad():
-            qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
-            o, _ = flash_attn_ref(qr, kr, vr, softmax_scale=softmax_scale, window_size=(window_left, window_right),
-                                  softcap=softcap, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
-                                  cu_seqlens_k=cu_seqlens_k)
-            dq, dk, dv = torch.autograd.grad(o, (qr, kr, vr), dout)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -228,6 +215,10 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
     if cu_q is None:
         max_q, max_k = q.shape[1], k.shape[1]
+    if name in ("ref", "cpu"):  # plain PyTorch: autograd differentiates it directly
+        out, lse = flash_attn_ref(q, k, v, softmax_scale=float(scale), window_size=(wl, wr), softcap=float(softcap),
+                                  dropout_p=float(dropout_p), seed=seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        return (out, lse, None) if return_attn_probs else out
     out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, float(scale), wl, wr, float(softcap), float(dropout_p),
                         seed, name)
     # Every backward here is deterministic (no atomics), so `deterministic` needs no switch.

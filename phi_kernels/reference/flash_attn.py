@@ -92,11 +92,12 @@ def flash_attn_ref(
     cu_seqlens_k: Tensor | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out in q's dtype, lse fp32): lse (batch, heads, seqlen_q), or (heads, total_q)
-    for packed inputs. Math in fp32 (fp64 for fp64 inputs) when upcast, else in q's dtype
+    """Returns (out in q's dtype, lse fp32, fp64 for fp64 inputs): lse (batch, heads, seqlen_q),
+    or (heads, total_q) for packed inputs. Math in fp32 (fp64 for fp64 inputs) when upcast, else in q's dtype
     (what a plain low-precision implementation would do: the error yardstick of the tests)."""
     compute = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     heads = q.shape[-2]
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if cu_seqlens_q is None:
         outs, lses = [], []
         for b in range(q.shape[0]):
@@ -104,13 +105,13 @@ def flash_attn_ref(
                                     b * heads, compute)
             outs.append(o)
             lses.append(lse)
-        return torch.stack(outs).to(q.dtype), torch.stack(lses).float()
+        return torch.stack(outs).to(q.dtype), torch.stack(lses).to(lse_dtype)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     out = torch.zeros(q.shape, dtype=compute, device=q.device)
-    lse = torch.full((heads, q.shape[0]), math.inf, dtype=torch.float32, device=q.device)
+    lse = torch.full((heads, q.shape[0]), math.inf, dtype=lse_dtype, device=q.device)
     for b in range(len(cq) - 1):
         o, l_ = _attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale,
                                window_size, softcap, dropout_p, seed, b * heads, compute)
         out[cq[b]:cq[b + 1]] = o
-        lse[:, cq[b]:cq[b + 1]] = l_.float()
+        lse[:, cq[b]:cq[b + 1]] = l_.to(lse_dtype)
     return out.to(q.dtype), lse
