@@ -20,7 +20,7 @@ import triton.language as tl
 
 from phi_kernels.triton._interp import load_as_fp32
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e); globals in kernels must be constexpr
 
 
 @triton.jit
