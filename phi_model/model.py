@@ -1,0 +1,208 @@
+"""phi-1.5 in one file, running on phi_kernels (rotary: apply_rotary; attention: flash_attn_*).
+
+Block (parallel attention + MLP, one LayerNorm):   x = x + attn(ln(x)) + mlp(ln(x))
+Module names match transformers' PhiForCausalLM, so Hugging Face state dicts load as they are.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import phi_kernels
+from phi_model.config import PhiConfig
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor  # (B, T, V)
+    loss: Tensor | None = None
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer: (B, max_len, kv_heads, head_dim)."""
+
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, max_len, kv_heads, head_dim, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start + k.shape[1]
+        if end > self.k.shape[1]:
+            raise ValueError(f"KV cache holds {self.k.shape[1]} positions; {end} needed")
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+def document_cu_seqlens(input_ids: Tensor, eos_token_id: int) -> tuple[Tensor, int]:
+    """cu_seqlens (int32) splitting the flattened (B*T) tokens into documents: a new document
+    starts at every row start and right after every EOS token. Returns (cu_seqlens, max_len)."""
+    b, t = input_ids.shape
+    starts = torch.zeros(b, t, dtype=torch.bool, device=input_ids.device)
+    starts[:, 0] = True
+    starts[:, 1:] = input_ids[:, :-1] == eos_token_id
+    idx = torch.nonzero(starts.flatten(), as_tuple=False).flatten()
+    cu = torch.cat([idx, torch.tensor([b * t], device=idx.device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+class PhiAttention(nn.Module):
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d)
+        self.k_proj = nn.Linear(cfg.hidden_size, kvh * d)
+        self.v_proj = nn.Linear(cfg.hidden_size, kvh * d)
+        self.dense = nn.Linear(h * d, cfg.hidden_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
+                cache: KVCache | None = None, cache_pos: int = 0) -> Tensor:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)  # (B, T, nkv, hd)
+        v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        dropout = cfg.attention_dropout if self.training else 0.0
+        if cu_seqlens is not None:  # document-aware: packed (B*T, nh, hd), positions restart per document
+            q, k, v = (z.reshape(b * t, z.shape[2], z.shape[3]) for z in (q, k, v))
+            q = phi_kernels.apply_rotary(q, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            k = phi_kernels.apply_rotary(k, cos, sin, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            y = phi_kernels.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                   dropout_p=dropout, causal=True)
+        else:
+            q = phi_kernels.apply_rotary(q, cos, sin, seqlen_offsets=cache_pos)
+            k = phi_kernels.apply_rotary(k, cos, sin, seqlen_offsets=cache_pos)
+            if cache is not None:  # decoding: attend to everything cached so far (bottom-right causal)
+                k, v = cache.update(cache_pos, k, v)
+            y = phi_kernels.flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
+        return self.dense(y.reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PhiDecoderLayer(nn.Module):
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = PhiAttention(cfg)
+        self.mlp = PhiMLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens=None, max_seqlen=0, cache=None,
+                cache_pos=0) -> Tensor:
+        h = self.input_layernorm(x)
+        attn = self.self_attn(h, cos, sin, cu_seqlens, max_seqlen, cache, cache_pos)
+        return x + self.resid_dropout(attn) + self.resid_dropout(self.mlp(h))
+
+
+class PhiModel(nn.Module):
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_dropout = nn.Dropout(cfg.embd_pdrop)
+        self.layers = nn.ModuleList(PhiDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class PhiForCausalLM(nn.Module):
+    def __init__(self, cfg: PhiConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = PhiModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.gradient_checkpointing = False
+        self._rope_cache: dict = {}
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def rope(self, length: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin caches (length, rotary_dim/2), rebuilt only when longer ones are needed."""
+        key = (device, dtype)
+        cached = self._rope_cache.get(key)
+        if cached is None or cached[0].shape[0] < length:
+            n = max(length, self.config.max_position_embeddings)
+            cached = phi_kernels.rotary_cos_sin(n, self.config.rotary_dim, base=self.config.rope_theta,
+                                                device=device, dtype=dtype)
+            self._rope_cache[key] = cached
+        return cached
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, eos_token_id: int | None = None,
+                caches: list[KVCache] | None = None, cache_pos: int = 0) -> CausalLMOutput:
+        """input_ids (B, T). labels like Hugging Face: aligned with input_ids, shifted here,
+        -100 ignored. eos_token_id: document-aware attention (no attention across an EOS)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        x = self.model.embed_dropout(self.model.embed_tokens(input_ids))  # (B, T, C)
+        cos, sin = self.rope(cache_pos + t, x.device, x.dtype)
+        cu, max_len = (None, 0)
+        if eos_token_id is not None:
+            if caches is not None:
+                raise ValueError("eos_token_id (document-aware attention) is for training, not with caches")
+            cu, max_len = document_cu_seqlens(input_ids, eos_token_id)
+        for i, layer in enumerate(self.model.layers):
+            cache = caches[i] if caches is not None else None
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, cu, max_len, cache, cache_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu, max_len, cache, cache_pos)
+        logits = self.lm_head(self.model.final_layernorm(x))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # ------------------------------------------------------------------ helpers
+
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        p = self.lm_head.weight
+        cfg = self.config
+        return [KVCache(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, p.dtype, p.device)
+                for _ in range(cfg.num_hidden_layers)]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N (forward + backward of every weight, N = parameters
+        without the embedding table, which is a lookup) plus attention's 6 * L * T * C
+        (QK^T and PV: 2 * 2 * T * C per token per layer forward, x3 with backward, causal
+        halves it: 12 * L * T * C / 2)."""
+        cfg = self.config
+        n = self.num_params() - self.model.embed_tokens.weight.numel()
+        return 6.0 * n + 6.0 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> "PhiForCausalLM":
+        from phi_model.checkpoint import load_pretrained
+
+        return load_pretrained(cls, directory, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory: str) -> None:
+        from phi_model.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
