@@ -53,28 +53,30 @@ def _visible(sq: int, sk: int, window: tuple[int, int], device) -> Tensor:
     return ok
 
 
-def _attention_one(q, k, v, scale, window, softcap, dropout_p, seed, bh_offset, compute):
-    """q (sq, H, D), k/v (sk, Hkv, D) -> out (sq, H, D), lse (H, sq)."""
-    sq, h, _ = q.shape
-    sk, hkv, _ = k.shape
-    g = h // hkv
-    qf = q.to(compute).transpose(0, 1)  # (H, sq, D)
-    kf = k.to(compute).transpose(0, 1).repeat_interleave(g, 0)  # (H, sk, D)
-    vf = v.to(compute).transpose(0, 1).repeat_interleave(g, 0)
-    s = scale * qf @ kf.transpose(1, 2)  # (H, sq, sk)
+def _attention(q, k, v, scale, window, softcap, dropout_p, seed, bh_offset, compute):
+    """q (B, sq, H, D), k/v (B, sk, Hkv, D) -> out (B, sq, H, D), lse (B, H, sq)."""
+    b, sq, h, _ = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    qf = q.to(compute).transpose(1, 2)  # (B, H, sq, D)
+    kf = k.to(compute).transpose(1, 2)  # (B, Hkv, sk, D)
+    vf = v.to(compute).transpose(1, 2)
+    if hkv != h:  # GQA: query head i reads kv head i // (H / Hkv)
+        kf = kf.repeat_interleave(h // hkv, 1)
+        vf = vf.repeat_interleave(h // hkv, 1)
+    s = scale * qf @ kf.transpose(-1, -2)  # (B, H, sq, sk)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    vis = _visible(sq, sk, window, q.device)
-    s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (H, sq); -inf for empty rows
+    if window != (-1, -1):
+        s = s.masked_fill(~_visible(sq, sk, window, q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, sq); -inf for empty rows
     empty = torch.isneginf(lse)
     p = torch.exp(s - lse.masked_fill(empty, 0).unsqueeze(-1)).masked_fill(empty.unsqueeze(-1), 0)
     if dropout_p > 0:
-        bh = bh_offset + torch.arange(h, device=q.device).view(h, 1, 1)
-        keep = dropout_keep_mask(seed, bh, torch.arange(sq, device=q.device).view(1, sq, 1),
-                                 torch.arange(sk, device=q.device).view(1, 1, sk), dropout_p)
+        bh = bh_offset + torch.arange(b * h, device=q.device).view(b, h, 1, 1)
+        keep = dropout_keep_mask(seed, bh, torch.arange(sq, device=q.device).view(1, 1, sq, 1),
+                                 torch.arange(sk, device=q.device).view(1, 1, 1, sk), dropout_p)
         p = torch.where(keep, p / (1 - dropout_p), torch.zeros((), dtype=p.dtype, device=p.device))
-    out = (p @ vf).transpose(0, 1)  # (sq, H, D)
+    out = (p @ vf).transpose(1, 2)  # (B, sq, H, D)
     return out, lse.masked_fill(empty, math.inf)
 
 
@@ -99,19 +101,14 @@ def flash_attn_ref(
     heads = q.shape[-2]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if cu_seqlens_q is None:
-        outs, lses = [], []
-        for b in range(q.shape[0]):
-            o, lse = _attention_one(q[b], k[b], v[b], softmax_scale, window_size, softcap, dropout_p, seed,
-                                    b * heads, compute)
-            outs.append(o)
-            lses.append(lse)
-        return torch.stack(outs).to(q.dtype), torch.stack(lses).to(lse_dtype)
+        out, lse = _attention(q, k, v, softmax_scale, window_size, softcap, dropout_p, seed, 0, compute)
+        return out.to(q.dtype), lse.to(lse_dtype)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     out = torch.zeros(q.shape, dtype=compute, device=q.device)
     lse = torch.full((heads, q.shape[0]), math.inf, dtype=lse_dtype, device=q.device)
     for b in range(len(cq) - 1):
-        o, l_ = _attention_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], softmax_scale,
-                               window_size, softcap, dropout_p, seed, b * heads, compute)
-        out[cq[b]:cq[b + 1]] = o
-        lse[:, cq[b]:cq[b + 1]] = l_.to(lse_dtype)
+        o, l_ = _attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                           softmax_scale, window_size, softcap, dropout_p, seed, b * heads, compute)
+        out[cq[b]:cq[b + 1]] = o[0]
+        lse[:, cq[b]:cq[b + 1]] = l_[0].to(lse_dtype)
     return out.to(q.dtype), lse

@@ -73,8 +73,8 @@ def scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constex
     if SOFTCAP:
         # tanh(x) = 2 sigmoid(2x) - 1 (libdevice tanh is unavailable in the interpreter)
         t = 2.0 * tl.sigmoid(2.0 * s * (qk_scale / softcap)) - 1.0
-        return (softcap * LOG2E) * t, t
-    return s * (qk_scale * LOG2E), s * 0.0
+        return (softcap * 1.4426950408889634) * t, t  # log2(e) literal: scalar * constexpr fails when interpreted
+    return s * (qk_scale * 1.4426950408889634), s * 0.0
 
 
 @triton.jit
