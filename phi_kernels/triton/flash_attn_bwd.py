@@ -238,6 +238,17 @@ def _bwd_dq(
 # --------------------------------------------------------------------------- launcher
 
 
+def dkdv_config(cfg: dict, head_dim: int, interpreting: bool) -> tuple[dict, int]:
+    """Tiles of the dK/dV kernel. It holds K, V, dK, dV tiles plus a Q tile's S, P, dP, dS, and
+    ran out of registers (stack spills) at 64x64 tiles with 4 warps; these are the configs with
+    zero spill bytes on sm_80 and sm_90 in the static report (phi_kernels.inspect)."""
+    if interpreting:
+        return cfg, 4
+    if head_dim <= 64:
+        return dict(cfg, BLOCK_M=64, BLOCK_N=32), 8
+    return dict(cfg, BLOCK_M=32, BLOCK_N=32), 8
+
+
 def flash_attn_bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           softmax_scale, window_left, window_right, softcap, dropout_p, seed):
     """Writes dq, dk, dv (bitwise deterministic: no atomics). Arguments validated upstream."""
@@ -265,11 +276,13 @@ def flash_attn_bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_
             BF16_AS_INT16=cfg["BF16_AS_INT16"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=num_warps)
     scalars = (max_seqlen_q, max_seqlen_k, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed)
     if max_seqlen_k > 0:
-        _bwd_dkdv[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), batch * kv_heads)](
+        dkdv_cfg, dkdv_warps = dkdv_config(cfg, head_dim, q.device.type == "cpu")
+        _bwd_dkdv[(triton.cdiv(max_seqlen_k, dkdv_cfg["BLOCK_N"]), batch * kv_heads)](
             kq, kk, kv, kdo, lse, delta, kernel_view(dk), kernel_view(dv), cu_seqlens_q, cu_seqlens_k,
             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
             *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides,
-            heads, kv_heads, heads // kv_heads, *scalars, **flags, num_warps=num_warps, num_stages=stages, **cfg)
+            heads, kv_heads, heads // kv_heads, *scalars, **flags, num_warps=dkdv_warps, num_stages=stages,
+            **dkdv_cfg)
     if max_seqlen_q > 0:
         _bwd_dq[(triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * heads)](
             kq, kk, kv, kdo, lse, delta, kernel_view(dq), cu_seqlens_q, cu_seqlens_k,
@@ -300,8 +313,9 @@ def aot_specs():
             for names in list(strides.values()) + [("dkb", "dkn", "dkh"), ("dvb", "dvn", "dvh"), ("lb", "lh")]:
                 sig.update({f"stride_{n}": "i64" for n in names})
             sig.update({"heads": "i32", "kv_heads": "i32", "group": "i32", **scal})
-            specs.append(AotSpec(f"flash bwd dk/dv {dt} d{d} causal", _bwd_dkdv, sig, common,
-                                 num_warps=4 if d <= 64 else 8, num_stages=2, flops=1.5 * fwd_flops,
+            dkdv_consts, dkdv_warps = dkdv_config(common, d, False)
+            specs.append(AotSpec(f"flash bwd dk/dv {dt} d{d} causal", _bwd_dkdv, sig, dkdv_consts,
+                                 num_warps=dkdv_warps, num_stages=2, flops=1.5 * fwd_flops,
                                  min_bytes=6 * io, shape=f"b{b} s{s} h{h} d{d} causal", tensor_core=True))
             sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DOUT": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32",
                    "DQ": f"*{dt}", "CU_Q": "*i32", "CU_K": "*i32"}
