@@ -198,7 +198,7 @@ class FusedAdam(torch.optim.Optimizer):
             if found_inf is None:
                 torch._foreach_add_(steps, 1.0)
             else:  # capturable: advance only when the step is taken, without a sync
-                torch._foreach_add_(steps, (found_inf.to(steps[0].device) <= 0).float())
+                torch._foreach_add_(steps, (found_inf.to(steps[0].device) <= 0).float().reshape(()))
             lr = group["lr"]
             lr_t = lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor) else \
                 torch.tensor(float(lr), dtype=torch.float32, device=steps[0].device)

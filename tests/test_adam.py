@@ -253,3 +253,26 @@ def test_cuda_adam_kernels_compiled_without_spills():
     assert len(kernels) == 2 * 3 * 4, "3 dtypes x (amsgrad, master) variants x 2 archs"
     for k in kernels:
         assert k.spill_bytes == 0 and k.ldl_stl == 0, k
+
+
+@pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.values[0] != "cpu"] + ["ref"])
+def test_capturable_matches_and_skips_without_advancing(backend):
+    """capturable=True: step counts live on the params' device and advance only for steps that
+    are taken (found_inf is applied on the device); results equal the non-capturable path."""
+    plain, _ = _train(lambda ps: FusedAdam(ps, weight_decay=0.1, backend=backend, **KW), SMALL_SHAPES, 4)
+    ours, opt = _train(lambda ps: FusedAdam(ps, weight_decay=0.1, capturable=True, backend=backend, **KW),
+                       SMALL_SHAPES, 4)
+    _close(ours, plain)
+    p = opt.param_groups[0]["params"][2]
+    assert opt.state[p]["step"].device == p.device and float(opt.state[p]["step"]) == 4
+    before = p.detach().clone()
+    p.grad = torch.randn_like(p)
+    opt.step(found_inf=torch.ones(1, device=DEVICE))
+    assert torch.equal(before, p.detach()) and float(opt.state[p]["step"]) == 4
+
+
+def test_capturable_rejects_the_cpu_kernel():
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(Exception, match="capturable"):
+        FusedAdam([p], capturable=True, backend="cpu").step()

@@ -36,8 +36,8 @@ def _adam_kernel(
     numel = tl.load(NUMELS + t)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = offs < numel
-    if HAS_FOUND_INF:
-        mask = mask & (tl.load(FOUND_INF_PTR) == 0)
+    if HAS_FOUND_INF:  # a block-shaped flag (the interpreter cannot and a block with a scalar bool)
+        mask = mask & ((tl.zeros([CHUNK], tl.float32) + tl.load(FOUND_INF_PTR)) == 0.0)
     if DEVICE_SCALARS:  # capturable: lr and step live on the device
         lr = tl.load(LR_PTR)
         step = tl.load(STEP_PTR)
