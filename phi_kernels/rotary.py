@@ -112,6 +112,12 @@ def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved
 def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens) -> None:
     """Every position read must exist in cos/sin. (Reads tensors back to the host: on a GPU this
     syncs once; it is what keeps a too-short cache from reading out of bounds.)"""
+    if cu_seqlens is None and not isinstance(seqlen_offsets, Tensor):  # plain ints: no tensor work
+        need = seqlen_offsets + seqlen if batch and seqlen else 0
+        if need > seqlen_ro:
+            raise ValueError(f"cos/sin have {seqlen_ro} rows but seqlen + seqlen_offsets needs {need}; "
+                             "build a longer cache with rotary_cos_sin")
+        return
     if cu_seqlens is not None:
         cu = cu_seqlens.cpu().long()
         lengths = cu[1:] - cu[:-1]
