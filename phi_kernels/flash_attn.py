@@ -97,10 +97,9 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, s
 
 
 def _window(causal: bool, window_size) -> tuple[int, int]:
+    """causal is the window (left, 0): no key right of the (bottom-right aligned) diagonal."""
     left, right = window_size
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    return left, right
+    return (left, 0) if causal else (left, right)
 
 
 def _why_not_cuda(q: Tensor, dropout_p: float, softcap: float) -> str | None:
@@ -120,7 +119,7 @@ def _why_not_cuda(q: Tensor, dropout_p: float, softcap: float) -> str | None:
 # --------------------------------------------------------------------------- ops
 
 
-def _empty_lse(q: Tensor, varlen: bool, max_q: int) -> Tensor:
+def _empty_lse(q: Tensor, varlen: bool) -> Tensor:
     if varlen:
         return torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     return torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
@@ -132,7 +131,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_se
              softcap: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
     varlen = cu_seqlens_q is not None
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = _empty_lse(q, varlen, max_seqlen_q)
+    lse = _empty_lse(q, varlen)
     if backend == "cuda":
         # The C++ op's `causal` flag is implied by window_right == 0 here (windows carry it).
         torch.ops.phi_kernels.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -148,8 +147,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_se
 @_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
       softcap, dropout_p, seed, backend):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), _empty_lse(q, cu_seqlens_q is not None,
-                                                                                   max_seqlen_q)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), _empty_lse(q, cu_seqlens_q is not None)
 
 
 @torch.library.custom_op("phi_kernels::flash_attn_backward", mutates_args=())

@@ -52,8 +52,8 @@ def rotary_cos_sin(
 # --------------------------------------------------------------------------- validation
 
 
-def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved) -> tuple[int, int]:
-    """Raise ValueError naming the bad argument; return (batch, max_seqlen)."""
+def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved) -> None:
+    """Raise ValueError naming the bad argument."""
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -106,7 +106,6 @@ def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved
 
     if not torch.compiler.is_compiling():
         _check_positions(cos.shape[0], batch, seqlen, seqlen_offsets, cu_seqlens)
-    return batch, seqlen
 
 
 def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens) -> None:

@@ -93,28 +93,39 @@ Adam_hparams make_hparams(double beta1, double beta2, double eps, double weight_
   return h;
 }
 
+// What both implementations need: checked tensor lists, the hyperparameters, checked scalars.
+struct Adam_call {
+  Lists lists;
+  Adam_hparams h;
+};
+
+Adam_call prepare(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  at::TensorList max_exp_avg_sqs, at::TensorList masters, const at::Tensor& lr, const at::Tensor& step,
+                  double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode, bool bias_correction,
+                  bool maximize, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  check_scalar(lr, "lr");
+  check_scalar(step, "step");
+  if (grad_scale.has_value()) check_scalar(*grad_scale, "grad_scale");
+  if (found_inf.has_value()) check_scalar(*found_inf, "found_inf");
+  return {make_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters),
+          make_hparams(beta1, beta2, eps, weight_decay, adam_w_mode, bias_correction, !max_exp_avg_sqs.empty(),
+                       maximize)};
+}
+
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    at::TensorList max_exp_avg_sqs, at::TensorList masters, const at::Tensor& lr, const at::Tensor& step,
                    double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode, bool bias_correction,
                    bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
-  Lists l = make_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters);
-  check_scalar(lr, "lr");
-  check_scalar(step, "step");
-  Adam_hparams h = make_hparams(beta1, beta2, eps, weight_decay, adam_w_mode, bias_correction,
-                                !max_exp_avg_sqs.empty(), maximize);
-  if (found_inf.has_value()) {
-    check_scalar(*found_inf, "found_inf");
-    if (found_inf->item<float>() > 0.f) return;
-  }
-  if (grad_scale.has_value()) {
-    check_scalar(*grad_scale, "grad_scale");
-    h.inv_grad_scale = 1.f / grad_scale->item<float>();
-  }
-  h.lr = lr.item<float>();
-  h.step = step.item<float>();
-  adam_cpu(l.view, h);
+  Adam_call c = prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, lr, step, beta1, beta2, eps,
+                        weight_decay, adam_w_mode, bias_correction, maximize, grad_scale, found_inf);
+  if (found_inf.has_value() && found_inf->item<float>() > 0.f) return;
+  if (grad_scale.has_value()) c.h.inv_grad_scale = 1.f / grad_scale->item<float>();
+  c.h.lr = lr.item<float>();
+  c.h.step = step.item<float>();
+  adam_cpu(c.lists.view, c.h);
 }
 
 #ifdef PHI_WITH_CUDA
@@ -131,28 +142,23 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool maximize, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
-  Lists l = make_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters);
-  check_scalar(lr, "lr");
-  check_scalar(step, "step");
-  Adam_hparams h = make_hparams(beta1, beta2, eps, weight_decay, adam_w_mode, bias_correction,
-                                !max_exp_avg_sqs.empty(), maximize);
+  Adam_call c = prepare(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, lr, step, beta1, beta2, eps,
+                        weight_decay, adam_w_mode, bias_correction, maximize, grad_scale, found_inf);
   Adam_device_scalars s{};
-  s.lr = device_or_host(lr, h.lr);
-  s.step = device_or_host(step, h.step);
+  s.lr = device_or_host(lr, c.h.lr);
+  s.step = device_or_host(step, c.h.step);
   if (grad_scale.has_value()) {
-    check_scalar(*grad_scale, "grad_scale");
     float scale = 1.f;
     s.grad_scale = device_or_host(*grad_scale, scale);
-    h.inv_grad_scale = 1.f / scale;
+    c.h.inv_grad_scale = 1.f / scale;
   }
   if (found_inf.has_value()) {
-    check_scalar(*found_inf, "found_inf");
     float flag = 0.f;
     s.found_inf = device_or_host(*found_inf, flag);
     if (flag > 0.f) return;
   }
   c10::cuda::CUDAGuard guard(params[0].device());
-  adam_cuda(l.view, h, s, c10::cuda::getCurrentCUDAStream().stream());
+  adam_cuda(c.lists.view, c.h, s, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 #endif

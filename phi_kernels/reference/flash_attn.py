@@ -68,7 +68,7 @@ def _attention(q, k, v, scale, window, softcap, dropout_p, seed, bh_offset, comp
         s = softcap * torch.tanh(s / softcap)
     left, right = window
     # Mask only when some row misses some key (decoding with sq = 1 under causal sees every key).
-    if (0 <= right < sq - 1) or (0 <= left < sk - 1) or (right >= 0 and sq > sk):
+    if 0 <= right < sq - 1 or 0 <= left < sk - 1:
         s = s.masked_fill(~_visible(sq, sk, window, q.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, sq); -inf for empty rows
     empty = torch.isneginf(lse)
