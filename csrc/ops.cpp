@@ -21,6 +21,21 @@ TORCH_LIBRARY(phi_kernels, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor lr, Tensor step, float beta1, float beta2, "
       "float eps, float weight_decay, bool adam_w_mode, bool bias_correction, bool maximize, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+
+  // Flash attention (csrc/flash_attn). q/k/v dense (batch, seqlen, heads, d) or packed
+  // (total, heads, d) with cu_seqlens; window (left, right) with -1 unbounded, causal is
+  // right = 0; softcap 0 = off; dropout kept iff the hash of (seed, batch*heads+head, row, col)
+  // clears dropout_p. out/lse (fp32, (batch, heads, seqlen_q) or (heads, total_q)) are written.
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
+      "float softcap, float dropout_p, int seed, Tensor(a!) out, Tensor(b!) lse) -> ()");
+  // Its backward from the forward's out and lse: writes dq, dk, dv.
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
+      "int window_right, float softcap, float dropout_p, int seed, Tensor(a!) dq, Tensor(b!) dk, "
+      "Tensor(c!) dv) -> ()");
 }
 
 // A Python module with no functions: importing phi_kernels._C loads the library, and the

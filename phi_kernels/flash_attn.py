@@ -14,12 +14,14 @@ dropout drawn from a seed taken from torch's default generator, so torch.manual_
 reproducible and the forward and backward see the same mask. A row that sees no key returns 0
 (and lse +inf). Memory is linear in the sequence length on the triton and cuda backends.
 
-Backends: "triton" (phi_kernels/triton/flash_attn_fwd.py, _bwd.py), "cuda" (csrc/flash_attn,
-when the extension has it: head_dim 64/128, fp16/bf16, no dropout), "cpu" (the reference for
-now: a dedicated CPU kernel is later work) and "ref" (the oracle; it materialises the
-attention matrix and autograd differentiates it). The kernel backends are registered as
-torch.library custom ops phi_kernels::flash_attn_forward / flash_attn_backward with fake
-implementations and autograd, so torch.compile traces them.
+Backends: "triton" (phi_kernels/triton/flash_attn_fwd.py, _bwd.py), "cuda" (csrc/flash_attn:
+head_dim 64/128, fp16/bf16, no dropout or softcap; its backward accumulates dq with atomics,
+so deterministic=True picks another backend), "cpu" (csrc/flash_attn/flash_attn_cpu.cpp: every
+option, deterministic) and "ref" (the oracle; it materialises the attention matrix and autograd
+differentiates it). The kernel backends are registered as torch.library custom ops
+phi_kernels::flash_attn_forward / flash_attn_backward with fake implementations and autograd,
+so torch.compile traces them; both call the C++ ops flash_attn_fwd / flash_attn_bwd of
+phi_kernels._C for "cuda" and "cpu".
 """
 from __future__ import annotations
 
@@ -102,7 +104,7 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
     return (left, 0) if causal else (left, right)
 
 
-def _why_not_cuda(q: Tensor, dropout_p: float, softcap: float) -> str | None:
+def _why_not_cuda(q: Tensor, dropout_p: float, softcap: float, deterministic: bool) -> str | None:
     if not _extension.has_kernel("flash_attn_fwd", "CUDA"):
         return "phi_kernels._C has no CUDA flash attention kernels"
     if q.shape[-1] not in (64, 128):
@@ -113,6 +115,14 @@ def _why_not_cuda(q: Tensor, dropout_p: float, softcap: float) -> str | None:
         return "dropout (not implemented in the CUDA kernels yet)"
     if softcap > 0:
         return "softcap (not implemented in the CUDA kernels yet)"
+    if deterministic:
+        return "deterministic=True (the CUDA backward accumulates dq with atomics)"
+    return None
+
+
+def _why_not_cpu() -> str | None:
+    if not _extension.has_kernel("flash_attn_fwd", "CPU"):
+        return "phi_kernels._C has no CPU flash attention kernels (rebuild it)"
     return None
 
 
@@ -132,10 +142,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_se
     varlen = cu_seqlens_q is not None
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = _empty_lse(q, varlen)
-    if backend == "cuda":
-        # The C++ op's `causal` flag is implied by window_right == 0 here (windows carry it).
+    if backend in ("cuda", "cpu"):  # causal is carried by the window: window_right == 0
         torch.ops.phi_kernels.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             softmax_scale, False, window_left, window_right, softcap, out, lse)
+                                             softmax_scale, window_left, window_right, softcap, dropout_p, seed,
+                                             out, lse)
     else:
         from phi_kernels.triton.flash_attn_fwd import flash_attn_fwd_triton
 
@@ -154,15 +164,15 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor | None,
               cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
               window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int,
-              deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    if backend == "cuda":
+    if backend in ("cuda", "cpu"):
         torch.ops.phi_kernels.flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                             max_seqlen_k, softmax_scale, False, window_left, window_right, softcap,
-                                             deterministic, dq, dk, dv)
+                                             max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                                             dropout_p, seed, dq, dk, dv)
     else:
         from phi_kernels.triton.flash_attn_bwd import flash_attn_bwd_triton
 
@@ -173,7 +183,7 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
 
 @_backward.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, softcap, dropout_p, seed, deterministic, backend):
+      window_right, softcap, dropout_p, seed, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -191,7 +201,7 @@ def _autograd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     max_q, max_k, scale, wl, wr, softcap, dropout_p, seed = ctx.args
     dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, dropout_p,
-                           seed, True, ctx.backend)
+                           seed, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
@@ -208,18 +218,19 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
     wl, wr = _window(causal, window_size)
     name = resolve_backend("flash_attn", q.device, backend,
                            supported=("cuda", "triton", "cpu", "ref"),
-                           why_not=lambda n: _why_not_cuda(q, dropout_p, softcap) if n == "cuda" else None)
+                           why_not=lambda n: (_why_not_cuda(q, dropout_p, softcap, deterministic) if n == "cuda"
+                                              else _why_not_cpu() if n == "cpu" else None))
     # The dropout seed comes from torch's default generator: torch.manual_seed reproduces it.
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
     if cu_q is None:
         max_q, max_k = q.shape[1], k.shape[1]
-    if name in ("ref", "cpu"):  # plain PyTorch: autograd differentiates it directly
+    if name == "ref":  # plain PyTorch: autograd differentiates it directly
         out, lse = flash_attn_ref(q, k, v, softmax_scale=float(scale), window_size=(wl, wr), softcap=float(softcap),
                                   dropout_p=float(dropout_p), seed=seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         return (out, lse, None) if return_attn_probs else out
     out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, float(scale), wl, wr, float(softcap), float(dropout_p),
                         seed, name)
-    # Every backward here is deterministic (no atomics), so `deterministic` needs no switch.
+    # The triton and cpu backwards are deterministic (no atomics); cuda is excluded above when asked.
     return (out, lse, None) if return_attn_probs else out
 
 

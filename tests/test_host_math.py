@@ -22,5 +22,6 @@ def test_host_math_ctest(tmp_path):
     test = run("ctest", "--test-dir", str(build), "--output-on-failure")
     print(test.stdout)
     assert test.returncode == 0, test.stdout[-4000:] + test.stderr[-4000:]
-    assert "rotary_math_test" in test.stdout and "adam_math_test" in test.stdout
+    for name in ("rotary_math_test", "adam_math_test", "flash_math_test"):
+        assert name in test.stdout
     assert "100% tests passed" in test.stdout
