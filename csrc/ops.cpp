@@ -36,6 +36,12 @@ TORCH_LIBRARY(phi_kernels, m) {
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
       "int window_right, float softcap, float dropout_p, int seed, Tensor(a!) dq, Tensor(b!) dk, "
       "Tensor(c!) dv) -> ()");
+  // The launch the CUDA kernels would make for these arguments, [head_dim, grid_x, grid_y,
+  // grid_z, threads, smem_bytes], or the error naming what they do not support. Pure host
+  // code: the CPU tests check the CUDA host side with it.
+  m.def(
+      "flash_attn_cuda_plan(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, Tensor out, Tensor lse, bool backward) -> int[]");
 }
 
 // A Python module with no functions: importing phi_kernels._C loads the library, and the

@@ -15,7 +15,7 @@ reproducible and the forward and backward see the same mask. A row that sees no 
 (and lse +inf). Memory is linear in the sequence length on the triton and cuda backends.
 
 Backends: "triton" (phi_kernels/triton/flash_attn_fwd.py, _bwd.py), "cuda" (csrc/flash_attn:
-head_dim 64/128, fp16/bf16, no dropout or softcap; its backward accumulates dq with atomics,
+head_dim 64/128, fp16/bf16, 16-byte aligned rows; its backward accumulates dq with atomics,
 so deterministic=True picks another backend), "cpu" (csrc/flash_attn/flash_attn_cpu.cpp: every
 option, deterministic) and "ref" (the oracle; it materialises the attention matrix and autograd
 differentiates it). The kernel backends are registered as torch.library custom ops
@@ -104,17 +104,16 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
     return (left, 0) if causal else (left, right)
 
 
-def _why_not_cuda(q: Tensor, dropout_p: float, softcap: float, deterministic: bool) -> str | None:
+def _why_not_cuda(q: Tensor, k: Tensor, v: Tensor, deterministic: bool) -> str | None:
     if not _extension.has_kernel("flash_attn_fwd", "CUDA"):
         return "phi_kernels._C has no CUDA flash attention kernels"
     if q.shape[-1] not in (64, 128):
-        return f"head_dim {q.shape[-1]} (the CUDA kernels have 64 and 128)"
+        return f"head_dim {q.shape[-1]} (the CUDA kernels are compiled for 64 and 128)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (the CUDA kernels take float16 and bfloat16)"
-    if dropout_p > 0:
-        return "dropout (not implemented in the CUDA kernels yet)"
-    if softcap > 0:
-        return "softcap (not implemented in the CUDA kernels yet)"
+    for name, t in (("q", q), ("k", k), ("v", v)):  # cp.async copies 16-byte chunks
+        if t.storage_offset() % 8 or any(s % 8 for s in t.stride()[:-1]):
+            return f"{name} rows are not 16-byte aligned (strides {t.stride()})"
     if deterministic:
         return "deterministic=True (the CUDA backward accumulates dq with atomics)"
     return None
@@ -218,7 +217,7 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
     wl, wr = _window(causal, window_size)
     name = resolve_backend("flash_attn", q.device, backend,
                            supported=("cuda", "triton", "cpu", "ref"),
-                           why_not=lambda n: (_why_not_cuda(q, dropout_p, softcap, deterministic) if n == "cuda"
+                           why_not=lambda n: (_why_not_cuda(q, k, v, deterministic) if n == "cuda"
                                               else _why_not_cpu() if n == "cpu" else None))
     # The dropout seed comes from torch's default generator: torch.manual_seed reproduces it.
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0

@@ -57,7 +57,14 @@ CASES = [  # (seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, window, sof
     (150, 150, 2, 2, 64, True, (48, -1), 0.0),  # causal + left window (local attention)
     (65, 65, 2, 2, 64, True, (-1, -1), 30.0),  # softcap
     (1, 113, 2, 2, 64, True, (-1, -1), 0.0),  # one decoding step against a cache
+    (130, 130, 2, 1, 128, True, (-1, -1), 0.0),  # head_dim 128 (the CUDA kernels' other instantiation)
 ]
+
+
+def _skip_if_cuda_lacks(backend, dtype, head_dim=64):
+    """The CUDA kernels take fp16/bf16 at head_dim 64/128; auto-dispatch sends the rest to triton."""
+    if backend == "cuda" and (dtype == torch.float32 or head_dim not in (64, 128)):
+        pytest.skip("cuda backend: fp16/bf16 with head_dim 64 or 128 only")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,6 +73,7 @@ CASES = [  # (seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, window, sof
                                             f"{'w' if c[6] != (-1, -1) else ''}{'s' if c[7] else ''}" for c in CASES])
 def test_forward_backward_vs_fp64(backend, dtype, case):
     sq, sk, h, hkv, d, causal, window, softcap = case
+    _skip_if_cuda_lacks(backend, dtype, d)
     q = torch.randn(2, sq, h, d, device=DEVICE).to(dtype).requires_grad_()
     k = torch.randn(2, sk, hkv, d, device=DEVICE).to(dtype).requires_grad_()
     v = torch.randn(2, sk, hkv, d, device=DEVICE).to(dtype).requires_grad_()
@@ -85,6 +93,7 @@ def test_forward_backward_vs_fp64(backend, dtype, case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_varlen_documents(backend, dtype):
     """Packed documents (one of length 1) attend only within themselves, k longer than q."""
+    _skip_if_cuda_lacks(backend, dtype)
     lq, lk = [5, 1, 37, 70], [9, 1, 37, 83]
     cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
@@ -106,7 +115,8 @@ def test_varlen_documents(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_mask_reproduced_by_reference(backend):
     torch.manual_seed(123)
-    q, k, v = (torch.randn(1, 70, 2, 64, device=DEVICE).requires_grad_() for _ in range(3))
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, 70, 2, 64, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
     torch.manual_seed(7)
     out = flash_attn_func(q, k, v, dropout_p=0.25, causal=True, backend=backend)
     torch.manual_seed(7)
@@ -143,6 +153,10 @@ def test_kernel_keep_fraction(backend):
 def test_deterministic_backward_bitwise(backend):
     q, k, v = (torch.randn(1, 100, 4, 64, device=DEVICE).half().requires_grad_() for _ in range(3))
     k2, v2 = k[:, :, :2].detach().requires_grad_(), v[:, :, :2].detach().requires_grad_()
+    if backend == "cuda":  # its backward adds dq with atomics: it declines rather than lie
+        with pytest.raises(BackendUnavailableError, match="deterministic"):
+            flash_attn_func(q, k2, v2, causal=True, deterministic=True, backend=backend)
+        return
     runs = []
     for _ in range(2):
         out = flash_attn_func(q, k2, v2, causal=True, deterministic=True, backend=backend)
@@ -214,3 +228,43 @@ def _bad():
 def test_bad_input(name, call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- CUDA host side on CPU
+
+
+def _plan(q, k, cu_q=None, cu_k=None, max_q=0, max_k=0, backward=False):
+    varlen = cu_q is not None
+    lse = torch.empty(q.shape[1], q.shape[0]) if varlen else torch.empty(q.shape[0], q.shape[2], q.shape[1])
+    return torch.ops.phi_kernels.flash_attn_cuda_plan(q, k, k, cu_q, cu_k, max_q, max_k, torch.empty_like(q), lse,
+                                                      backward)
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float16), (128, torch.bfloat16)])
+def test_cuda_launch_plan(head_dim, dtype):
+    """The CUDA launch (grid, block, shared memory) computed by the same host code the GPU path
+    runs, from CPU tensors: one CTA per 64-row query tile (forward) / 64-key tile (backward) of
+    the longest sequence, per sequence, per query head; shared memory within an A100's 163 KB."""
+    q = torch.randn(2, 300, 8, head_dim, dtype=dtype)
+    k = torch.randn(2, 129, 2, head_dim, dtype=dtype)
+    hd, gx, gy, gz, threads, smem = _plan(q, k)
+    assert (hd, gx, gy, gz) == (head_dim, math.ceil(300 / 64), 2, 8)
+    assert threads == 128 and 0 < smem <= 163 * 1024
+    hd, gx, gy, gz, threads, smem = _plan(q, k, backward=True)
+    assert (hd, gx, gy, gz) == (head_dim, math.ceil(129 / 64), 2, 8)
+    assert threads == 256 and 0 < smem <= 163 * 1024
+    # Packed sequences: grid.y is the number of sequences, grid.x follows max_seqlen.
+    cu = torch.tensor([0, 100, 250, 260], dtype=torch.int32)
+    qp, kp = torch.randn(260, 8, head_dim, dtype=dtype), torch.randn(260, 2, head_dim, dtype=dtype)
+    assert _plan(qp, kp, cu, cu, 150, 150)[1:4] == [math.ceil(150 / 64), 3, 8]
+
+
+@pytest.mark.parametrize("name,make,match", [
+    ("head_dim 80", lambda: (torch.randn(1, 8, 2, 80).half(),) * 2, "head_dim 80"),
+    ("float32", lambda: (torch.randn(1, 8, 2, 64),) * 2, "float32"),
+    ("misaligned rows", lambda: (torch.randn(1 * 8 * 2 * 64 + 1).half()[1:].view(1, 8, 2, 64),) * 2, "16-byte aligned"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_cuda_host_side_rejects_what_the_kernels_lack(name, make, match):
+    q, k = make()
+    with pytest.raises(RuntimeError, match=match):
+        _plan(q, k)

@@ -62,3 +62,26 @@ def test_report_command_runs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Static GPU report" in proc.stdout and out.exists()
+
+
+def test_cuda_flash_attention_kernels(cuda_kernels):
+    """Every flash attention instantiation (fwd/bwd x head_dim 64/128 x fp16/bf16) is compiled
+    for sm_80 and sm_90a, runs on tensor cores (HMMA in the SASS), and one CTA fits an SM with
+    the dynamic shared memory its launch plan asks for (the plan comes from the host code)."""
+    import torch
+
+    flash = [k for k in cuda_kernels if "flash_fwd_kernel" in k.name or "flash_bwd_kernel" in k.name]
+    for arch in ("sm_80", "sm_90a"):
+        names = {k.name for k in flash if k.arch == arch}
+        assert len(names) == 8, sorted(names)
+    for k in flash:
+        head_dim = 64 if "traits<64>" in k.name else 128
+        backward = "flash_bwd_kernel" in k.name
+        dtype = torch.bfloat16 if "bfloat16" in k.name else torch.float16
+        q = torch.randn(1, 256, 2, head_dim, dtype=dtype)
+        lse = torch.empty(1, 2, 256)
+        *_, threads, smem = torch.ops.phi_kernels.flash_attn_cuda_plan(q, q, q, None, None, 0, 0, q, lse, backward)
+        assert k.hmma > 0, f"{k.name} {k.arch}: no tensor-core instructions"
+        assert k.spill_bytes == 0 and k.ldl_stl == 0, k
+        assert k.shared + smem <= pk_inspect.SM_LIMITS[k.arch]["smem_per_block"], (k, smem)
+        assert k.max_warps_per_sm(threads, smem) >= threads // 32, f"{k.name} {k.arch}: no CTA fits an SM"

@@ -3,13 +3,11 @@
 // friendlier errors), fills Flash_params and launches the CPU or CUDA kernels.
 #include <torch/library.h>
 
+#include <ATen/ATen.h>
+
 #include "common/bind_utils.h"
 #include "flash_attn/flash_launch.h"
-
-#ifdef PHI_WITH_CUDA
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#endif
+#include "flash_attn/flash_plan.h"
 
 namespace phi {
 namespace {
@@ -155,11 +153,123 @@ void flash_attn_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::T
   flash_bwd_cpu(p);
 }
 
+// ----------------------------------------------------------------------------- CUDA host side
+//
+// Everything up to the kernel launch is plain C++ over Flash_params (flash_plan.h), so the
+// CPU tests run it through flash_attn_cuda_plan below.
+
+void check_cuda_supported(const Flash_params& p, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  const std::string why = flash::cuda_unsupported(p);
+  TORCH_CHECK(why.empty(), "flash attention (cuda backend) does not support ", why);
+  for (const auto& [name, t] : ts) {  // cp.async moves 16-byte chunks: rows must be 16-byte aligned
+    const bool aligned = reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 &&
+                         t->stride(-2) % 8 == 0 && t->stride(-3) % 8 == 0 && (t->dim() < 4 || t->stride(0) % 8 == 0);
+    TORCH_CHECK(aligned, "flash attention (cuda backend): ", name,
+                " must have 16-byte aligned rows (data pointer and strides multiples of 8 elements), got strides ",
+                t->strides());
+  }
+}
+
+// (head_dim, grid x, y, z, threads, shared memory bytes) the CUDA kernels would launch with.
+std::vector<int64_t> flash_attn_cuda_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+                                          int64_t max_q, int64_t max_k, const at::Tensor& out, const at::Tensor& lse,
+                                          bool backward) {
+  const Flash_params p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, 1.0, -1, -1, 0.0, 0.0, 0, out, lse);
+  check_cuda_supported(p, {{"q", &q}, {"k", &k}, {"v", &v}});
+  const flash::Launch_plan plan = backward ? flash::plan_bwd(p) : flash::plan_fwd(p);
+  return {plan.head_dim, plan.grid_x, plan.grid_y, plan.grid_z, plan.threads, plan.smem_bytes};
+}
+
+#ifdef PHI_WITH_CUDA
+template <bool kBackward>
+void dispatch_cuda(const Flash_params& p, void* stream) {
+  const bool fp16 = p.dtype == DType::kFloat16;
+  if (p.head_dim == 64) {
+    if constexpr (kBackward) fp16 ? flash::run_flash_bwd<DType::kFloat16, 64>(p, stream) : flash::run_flash_bwd<DType::kBFloat16, 64>(p, stream);
+    else fp16 ? flash::run_flash_fwd<DType::kFloat16, 64>(p, stream) : flash::run_flash_fwd<DType::kBFloat16, 64>(p, stream);
+  } else {
+    if constexpr (kBackward) fp16 ? flash::run_flash_bwd<DType::kFloat16, 128>(p, stream) : flash::run_flash_bwd<DType::kBFloat16, 128>(p, stream);
+    else fp16 ? flash::run_flash_fwd<DType::kFloat16, 128>(p, stream) : flash::run_flash_fwd<DType::kBFloat16, 128>(p, stream);
+  }
+}
+
+void flash_attn_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_q,
+                         int64_t max_k, double scale, int64_t window_left, int64_t window_right, double softcap,
+                         double dropout_p, int64_t seed, const at::Tensor& out, const at::Tensor& lse) {
+  Flash_params p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap,
+                               dropout_p, seed, out, lse);
+  check_cuda_supported(p, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
+  if (p.batch == 0 || p.seqlen_q == 0 || p.heads == 0) return;
+  c10::cuda::CUDAGuard guard(q.device());
+  dispatch_cuda<false>(p, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void flash_attn_bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_q,
+                         const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale,
+                         int64_t window_left, int64_t window_right, double softcap, double dropout_p, int64_t seed,
+                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  Flash_params p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap,
+                               dropout_p, seed, out, lse);
+  check_cuda_supported(p, {{"q", &q}, {"k", &k}, {"v", &v}, {"dout", &dout}});
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_k == 0) return;
+  if (p.seqlen_q == 0) {
+    dk.zero_();
+    dv.zero_();
+    return;
+  }
+  c10::cuda::CUDAGuard guard(q.device());
+  const bool varlen = p.is_varlen();
+  // D = rowsum(dO * O) in lse's layout, and the fp32 dq accumulator the kernel adds into.
+  at::Tensor d_rows = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  d_rows = (varlen ? d_rows.t() : d_rows.transpose(1, 2)).contiguous();
+  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  // GQA: the kernel writes each query head's dK, dV; the group sum happens here in fp32.
+  const int64_t group = p.heads / p.kv_heads;
+  at::Tensor dk_heads = dk, dv_heads = dv;
+  if (group > 1) {
+    std::vector<int64_t> shape(k.sizes().begin(), k.sizes().end());
+    shape[shape.size() - 2] = p.heads;
+    dk_heads = at::empty(shape, k.options());
+    dv_heads = at::empty(shape, k.options());
+  }
+  add_backward(p, dout, q, k, dq, dk_heads, dv_heads);
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.d_rows = d_rows.data_ptr<float>();
+  dispatch_cuda<true>(p, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dq.copy_(dq_accum);
+  if (group > 1) {
+    auto grouped = [&](const at::Tensor& t) {
+      std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+      shape.back() = t.size(-1);
+      shape[shape.size() - 2] = group;
+      shape.insert(shape.end() - 2, p.kv_heads);
+      return t.view(shape).to(at::kFloat).sum(-2);
+    };
+    dk.copy_(grouped(dk_heads));
+    dv.copy_(grouped(dv_heads));
+  }
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(phi_kernels, CPU, m) {
   m.impl("flash_attn_fwd", &flash_attn_fwd_cpu);
   m.impl("flash_attn_bwd", &flash_attn_bwd_cpu);
 }
+
+#ifdef PHI_WITH_CUDA
+TORCH_LIBRARY_IMPL(phi_kernels, CUDA, m) {
+  m.impl("flash_attn_fwd", &flash_attn_fwd_cuda);
+  m.impl("flash_attn_bwd", &flash_attn_bwd_cuda);
+}
+#endif
+
+TORCH_LIBRARY_IMPL(phi_kernels, CompositeExplicitAutograd, m) { m.impl("flash_attn_cuda_plan", &flash_attn_cuda_plan); }
 
 }  // namespace phi

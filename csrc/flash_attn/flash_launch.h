@@ -7,10 +7,13 @@ namespace phi {
 void flash_fwd_cpu(const Flash_params& params);
 void flash_bwd_cpu(const Flash_params& params);
 
-#ifdef PHI_WITH_CUDA
+namespace flash {
+// CUDA launchers, one explicit instantiation per (dtype, head_dim) in flash_{fwd,bwd}_hdim*_*.cu.
 // `stream` is a cudaStream_t, kept as void* so this header needs no CUDA headers.
-void flash_fwd_cuda(const Flash_params& params, void* stream);
-void flash_bwd_cuda(const Flash_params& params, void* stream);
-#endif
+template <DType kDtype, int kHeadDim>
+void run_flash_fwd(const Flash_params& params, void* stream);
+template <DType kDtype, int kHeadDim>
+void run_flash_bwd(const Flash_params& params, void* stream);
+}  // namespace flash
 
 }  // namespace phi

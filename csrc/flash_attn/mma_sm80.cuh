@@ -1,0 +1,155 @@
+// sm_80 building blocks of the CUDA flash attention kernels: cp.async tile loads into
+// swizzled shared memory, ldmatrix, mma.sync.m16n8k16 (fp16 / bf16 in, fp32 accumulate) and
+// a warp-level GEMM over shared-memory tiles. Addresses come from fragment_layout.h, the
+// index functions the host test checks against an emulation of these instructions.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "flash_attn/fragment_layout.h"
+
+namespace phi::flash {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses L1; zero-fills when !valid (rows past the end
+// of a sequence), so padded rows are 0 and never NaN garbage.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                          uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two fp32 values as one register of two 16-bit values, `lo` in the low half (element order
+// of the mma fragments).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Asynchronously copies rows [row0, row0 + kRows) x kCols of a row-major global matrix
+// (row stride in elements, 16-byte aligned rows) into a swizzled shared tile; rows at or
+// past `row_end` are zero-filled. All kThreads threads of the CTA take part.
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t row_stride, int row0, int row_end,
+                                                int tid) {
+  constexpr int kChunks = kCols / 8;
+  #pragma unroll
+  for (int idx = tid; idx < kRows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const bool valid = row0 + r < row_end;
+    const T* src = gmem + (valid ? (row0 + r) * row_stride + c : 0);
+    cp_async_16(smem_addr(tile + Swizzled<kCols>::offset(r, c)), src, valid);
+  }
+}
+
+// Writes a 16-bit value pair into a swizzled [kRows][kCols] shared tile at (row, col), col even.
+template <int kCols, typename T>
+__device__ __forceinline__ void store_pair(T* tile, int row, int col, uint32_t pair) {
+  *reinterpret_cast<uint32_t*>(tile + Swizzled<kCols>::offset(row, col)) = pair;
+}
+
+// acc[kNT][4] += A (16 rows from a_row0, depth kK) x B (depth kK, 8 * kNT columns from
+// b_col0), both from swizzled shared tiles. kATrans: A is stored [k][m] (read with .trans);
+// kBTrans: B is stored [k][n] (read with .trans), else [n][k]. kAPitch / kBPitch are the
+// stored tiles' row lengths.
+template <int kNT, int kK, bool kATrans, bool kBTrans, int kAPitch, int kBPitch, typename T>
+__device__ __forceinline__ void warp_gemm_ss(float (&acc)[kNT][4], const T* sA, int a_row0, const T* sB, int b_col0,
+                                             int lane) {
+  static_assert(kNT % 2 == 0 && kK % 16 == 0, "whole 16 x 16 B fragments");
+  #pragma unroll
+  for (int k0 = 0; k0 < kK; k0 += 16) {
+    uint32_t a[4];
+    const RowCol ap = kATrans ? ldm_a_trans(lane, a_row0, k0) : ldm_a(lane, a_row0, k0);
+    const uint32_t a_addr = smem_addr(sA + Swizzled<kAPitch>::offset(ap.row, ap.col));
+    if constexpr (kATrans) ldmatrix_x4_trans(a, a_addr); else ldmatrix_x4(a, a_addr);
+    #pragma unroll
+    for (int nt = 0; nt < kNT; nt += 2) {
+      uint32_t b[4];
+      const RowCol bp = kBTrans ? ldm_b_trans(lane, k0, b_col0 + nt * 8) : ldm_b(lane, k0, b_col0 + nt * 8);
+      const uint32_t b_addr = smem_addr(sB + Swizzled<kBPitch>::offset(bp.row, bp.col));
+      if constexpr (kBTrans) ldmatrix_x4_trans(b, b_addr); else ldmatrix_x4(b, b_addr);
+      mma_16816<T>(acc[nt], a, b[0], b[1]);
+      mma_16816<T>(acc[nt + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// As warp_gemm_ss with A already in registers: a[kK / 16][4] fragments (the forward's P,
+// converted from the score accumulators without a round trip through shared memory).
+template <int kNT, int kK, bool kBTrans, int kBPitch, typename T>
+__device__ __forceinline__ void warp_gemm_rs(float (&acc)[kNT][4], const uint32_t (&a)[kK / 16][4], const T* sB,
+                                             int b_col0, int lane) {
+  #pragma unroll
+  for (int k0 = 0; k0 < kK; k0 += 16) {
+    #pragma unroll
+    for (int nt = 0; nt < kNT; nt += 2) {
+      uint32_t b[4];
+      const RowCol bp = kBTrans ? ldm_b_trans(lane, k0, b_col0 + nt * 8) : ldm_b(lane, k0, b_col0 + nt * 8);
+      const uint32_t b_addr = smem_addr(sB + Swizzled<kBPitch>::offset(bp.row, bp.col));
+      if constexpr (kBTrans) ldmatrix_x4_trans(b, b_addr); else ldmatrix_x4(b, b_addr);
+      mma_16816<T>(acc[nt], a[k0 / 16], b[0], b[1]);
+      mma_16816<T>(acc[nt + 1], a[k0 / 16], b[2], b[3]);
+    }
+  }
+}
+
+// Accumulator tiles (16 x 8 each, columns 16k .. 16k + 15 from tiles 2k, 2k + 1) as the A
+// fragments of the next mma: the m16n8 C layout of two adjacent tiles is the m16n8k16 A layout.
+template <int kNT, typename T>
+__device__ __forceinline__ void acc_to_a(const float (&acc)[kNT][4], uint32_t (&a)[kNT / 2][4]) {
+  #pragma unroll
+  for (int k = 0; k < kNT / 2; ++k) {
+    a[k][0] = pack2<T>(acc[2 * k][0], acc[2 * k][1]);
+    a[k][1] = pack2<T>(acc[2 * k][2], acc[2 * k][3]);
+    a[k][2] = pack2<T>(acc[2 * k + 1][0], acc[2 * k + 1][1]);
+    a[k][3] = pack2<T>(acc[2 * k + 1][2], acc[2 * k + 1][3]);
+  }
+}
+
+}  // namespace phi::flash
