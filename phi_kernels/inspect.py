@@ -166,6 +166,12 @@ CUDA_WORKLOADS: list[tuple[str, float, float, str]] = [
     (r"adam_kernel<float, false, false>", 12 * 1_418_270_720, 28 * 1_418_270_720, "1.42B params, fp32"),
     (r"adam_kernel<__nv_bfloat16, false, true>", 12 * 1_418_270_720, 30 * 1_418_270_720,
      "1.42B params, bf16 + fp32 master"),
+    # Causal attention, batch 8, seqlen 2048, 32 heads x 64 (flash-attention's FLOP convention:
+    # 4 b s^2 h d / 2 forward, 2.5x that backward); bytes: q, k, v, o (+ do, dq, dk, dv) once.
+    (r"flash_fwd_kernel<phi::flash::Fwd_traits<64>", 4 * 8 * 2048**2 * 32 * 64 / 2, 4 * 8 * 2048 * 32 * 64 * 2,
+     "causal (8, 2048, 32, 64)"),
+    (r"flash_bwd_kernel<phi::flash::Bwd_traits<64>", 2.5 * 4 * 8 * 2048**2 * 32 * 64 / 2,
+     8 * 8 * 2048 * 32 * 64 * 2 + 2 * 8 * 2048 * 32 * 64 * 4, "causal (8, 2048, 32, 64)"),
 ]
 
 

@@ -2,11 +2,14 @@
 // instead of shared memory, and the same masking / online-softmax / LSE / dropout rules as
 // the CUDA kernels (flash_math.h). No torch headers here; the glue is flash_attn_ops.cpp.
 //
-// Every matrix product (S = Q K^T, O += P V, and the backward's dP = dO V^T, dV += P^T dO,
-// dK += dS^T Q, dQ += dS K) goes through one register-blocked micro-kernel (tile_gemm): an
-// 8 x 32 fp32 accumulator block, 16 AVX-512 registers, so each loaded B vector feeds 8 FMAs.
-// Tiles are zero-padded (rows to a multiple of 8, head_dim to a multiple of 32), and masked or
-// padded scores get probability 0, so padding never reaches an output.
+// Scores are kept transposed, S^T = K Q^T (keys x queries): then every product (S^T, O += P V,
+// and the backward's dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ += dS K) reads its B operand
+// as contiguous rows of an untransposed tile, the softmax statistics of the queries are
+// vectors along a row of S^T, and only Q and dO get transposed, once per head. One
+// register-blocked micro-kernel (tile_gemm) does every product: an 8 x 32 fp32 accumulator
+// block (16 AVX-512 registers), each loaded B vector feeding 8 FMAs. Tiles are zero-padded
+// (head_dim to a multiple of 32), and masked or padded scores get probability 0, so padding
+// never reaches an output.
 //
 // Forward: OpenMP over (batch, head, block of kBlockM query rows); the task streams the
 // visible key blocks once with a running max and sum per row (memory O(seqlen)).
@@ -24,71 +27,79 @@
 namespace phi {
 namespace {
 
-constexpr int kBlockM = 64;  // query rows per tile
+constexpr int kBlockM = 64;  // queries per tile
 constexpr int kBlockN = 64;  // keys per tile
 constexpr int kMicroRows = 8;
 constexpr int kMicroCols = 32;
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// C[r][c] (+)= sum_k A[r * lda + k] * B[k * ldb + c] for r < rows, c < cols, k < depth.
-// rows is a multiple of kMicroRows and cols of kMicroCols (tiles are padded). The
-// accumulator block is written with GCC vector types so that it stays in registers whatever
-// the target ISA (two 16-wide vectors per row: 16 zmm registers on AVX-512).
-typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+// 16 floats, unaligned, allowed to alias float: loads and stores through it are plain vector
+// moves. (Going through memcpy instead makes GCC keep the accumulators on the stack: 4.5x slower.)
+typedef float Vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 
+// C[r][c] (+)= sum_k A(r, k) * B[k * ldb + c], A(r, k) = a[r * a_row + k * a_col], for r < rows,
+// c < cols, k < depth; rows a multiple of kMicroRows, cols of kMicroCols (tiles are padded).
+// A is read one scalar at a time (broadcast), so it may be stored transposed at no cost; the
+// accumulator block uses GCC vector types so that it stays in registers whatever the ISA.
 template <bool kAccumulate>
-void tile_gemm(const float* __restrict__ a, int lda, const float* __restrict__ b, int ldb, float* __restrict__ c,
-               int ldc, int rows, int cols, int depth) {
+void tile_gemm(const float* __restrict__ a, int a_row, int a_col, const float* __restrict__ b, int ldb,
+               float* __restrict__ c, int ldc, int rows, int cols, int depth) {
   static_assert(kMicroCols == 32, "two Vec16 per accumulator row");
   for (int r0 = 0; r0 < rows; r0 += kMicroRows) {
     for (int c0 = 0; c0 < cols; c0 += kMicroCols) {
       Vec16 acc[kMicroRows][2];
       for (int r = 0; r < kMicroRows; ++r) {
         for (int v = 0; v < 2; ++v) {
-          if (kAccumulate) {
-            std::memcpy(&acc[r][v], c + (r0 + r) * ldc + c0 + 16 * v, sizeof(Vec16));
-          } else {
-            acc[r][v] = Vec16{};
-          }
+          acc[r][v] = kAccumulate ? *reinterpret_cast<const Vec16*>(c + (r0 + r) * ldc + c0 + 16 * v) : Vec16{};
         }
       }
+      const float* arow = a + r0 * a_row;
       for (int k = 0; k < depth; ++k) {
-        Vec16 b0, b1;
-        std::memcpy(&b0, b + k * ldb + c0, sizeof(Vec16));
-        std::memcpy(&b1, b + k * ldb + c0 + 16, sizeof(Vec16));
+        const Vec16 b0 = *reinterpret_cast<const Vec16*>(b + k * ldb + c0);
+        const Vec16 b1 = *reinterpret_cast<const Vec16*>(b + k * ldb + c0 + 16);
         for (int r = 0; r < kMicroRows; ++r) {
-          const float ar = a[(r0 + r) * lda + k];
+          const float ar = arow[r * a_row + k * a_col];
           acc[r][0] += ar * b0;
           acc[r][1] += ar * b1;
         }
       }
       for (int r = 0; r < kMicroRows; ++r) {
-        for (int v = 0; v < 2; ++v) std::memcpy(c + (r0 + r) * ldc + c0 + 16 * v, &acc[r][v], sizeof(Vec16));
+        for (int v = 0; v < 2; ++v) *reinterpret_cast<Vec16*>(c + (r0 + r) * ldc + c0 + 16 * v) = acc[r][v];
       }
     }
   }
 }
 
-// 2^x for x <= 0 (scores relative to the row max), branch-free so loops over it vectorize
-// (libm's exp2f does not). Cephes' exp2f polynomial on [-0.5, 0.5], relative error ~1e-7;
-// x below -126 (including -inf) gives 2^-126 * 2^f ~ 1e-38, which the callers mask to 0.
-inline float exp2_nonpositive(float x) {
-  x = std::min(std::max(x, -126.f), 0.f);  // also keeps the int conversion below in range
-  const float i = std::floor(x + 0.5f);
-  const float f = x - i;
-  float p = 1.535336188319500e-4f;
+typedef int32_t IVec16 __attribute__((vector_size(64)));
+
+inline Vec16 load16(const float* p) { return *reinterpret_cast<const Vec16*>(p); }
+inline void store16(float* p, Vec16 v) { *reinterpret_cast<Vec16*>(p) = v; }
+
+// 2^x for x <= 0 (scores relative to the row max), 16 lanes at a time. Written with vector
+// types because GCC will not vectorize libm's exp2f, nor an inline polynomial with float->int
+// conversions, under default (trapping) math. Cephes' exp2f polynomial on [-0.5, 0.5],
+// relative error ~1e-7. The clamp maps NaN (from -inf - -inf; callers select 0 for masked
+// scores) and large negatives to -126, keeping the int conversions in range.
+inline Vec16 exp2_nonpositive(Vec16 x) {
+  x = x > -126.f ? x : -126.f;
+  x = x < 0.f ? x : 0.f;
+  const IVec16 n = __builtin_convertvector(x - 0.5f, IVec16);  // trunc toward 0: x - n in [-0.5, 0.5]
+  const Vec16 f = x - __builtin_convertvector(n, Vec16);
+  Vec16 p = 1.535336188319500e-4f + Vec16{};
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.f;
-  return p * std::bit_cast<float>(uint32_t(int32_t(i) + 127) << 23);
+  return p * reinterpret_cast<Vec16>((n + 127) << 23);
 }
 
+inline float exp2_nonpositive(float x) { return exp2_nonpositive(x + Vec16{})[0]; }
+
 // Copies `rows` rows of `d` elements (row stride `stride`) into a zero-padded fp32 tile with
-// row pitch `pitch`; rows up to `padded_rows` are zero.
+// row pitch `pitch`; rows [rows, padded_rows) are zero.
 template <typename T>
 void load_tile(const T* src, int64_t stride, int rows, int d, float* dst, int pitch, int padded_rows) {
   for (int r = 0; r < rows; ++r) {
@@ -99,96 +110,109 @@ void load_tile(const T* src, int64_t stride, int rows, int d, float* dst, int pi
   std::fill(dst + rows * pitch, dst + padded_rows * pitch, 0.f);
 }
 
-// dst[c * pitch + r] = src[r][c]: a key or value block transposed (pitch = kBlockN), zero
-// outside the valid rows and columns.
-void transpose_tile(const float* src, int src_pitch, int rows, int cols_padded, float* dst) {
-  std::fill(dst, dst + cols_padded * kBlockN, 0.f);
-  for (int r = 0; r < rows; ++r) {
-    for (int c = 0; c < cols_padded; ++c) dst[c * kBlockN + r] = src[r * src_pitch + c];
-  }
+// dst[c * rows + r] = src[r * pitch + c] for c < pitch: a padded tile transposed.
+void transpose(const float* src, int rows, int pitch, float* dst) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < pitch; ++c) dst[c * rows + r] = src[r * pitch + c];
 }
 
-// The visible key columns of query row `row`, relative to the key block starting at c0 with n keys.
-inline void visible_cols(const flash::Mask& mask, int row, int c0, int n, int* begin, int* end) {
-  mask.key_range(row, row + 1, begin, end);
-  *begin = std::max(*begin - c0, 0);
-  *end = std::min(*end - c0, n);
+// The queries (relative to r0, within [0, m)) that see key `col`: [*begin, *end).
+inline void seeing_rows(const flash::Mask& mask, int col, int r0, int m, int* begin, int* end) {
+  mask.row_range(col, col + 1, begin, end);
+  *begin = std::clamp(*begin - r0, 0, m);
+  *end = std::clamp(*end - r0, 0, m);
 }
 
 template <typename T>
 void forward_typed(const Flash_params& p) {
   const int d = p.head_dim, dp = round_up(d, kMicroCols);
   const int m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  constexpr int M = kBlockM, N = kBlockN;
   #pragma omp parallel
   {
-    std::vector<float> qf(kBlockM * dp), of(kBlockM * dp), kf(kBlockN * dp), kt(dp * kBlockN), vf(kBlockN * dp);
-    std::vector<float> s(kBlockM * kBlockN);
-    std::vector<flash::OnlineSoftmax> state(kBlockM);
+    std::vector<float> qf(M * dp), qt(dp * M), of(M * dp), kf(N * dp), vf(N * dp), st(N * M);
+    std::vector<float> row_max(M), row_sum(M), factor(M), tile_max(M);
+    std::vector<uint32_t> hashes(M);
     #pragma omp for collapse(3) schedule(dynamic)
     for (int b = 0; b < p.batch; ++b) {
       for (int h = 0; h < p.heads; ++h) {
         for (int mb = 0; mb < m_blocks; ++mb) {
           const Flash_seq seq = Flash_seq::of(p, b);
-          const int r0 = mb * kBlockM;
+          const int r0 = mb * M;
           if (r0 >= seq.seqlen_q) continue;
-          const int rows = std::min(kBlockM, seq.seqlen_q - r0), rows_p = round_up(rows, kMicroRows);
+          const int rows = std::min(M, seq.seqlen_q - r0);
           const flash::Mask mask = seq.mask(p);
           int c_begin, c_end;
           mask.key_range(r0, r0 + rows, &c_begin, &c_end);
           const int kvh = p.kv_head(h);
           load_tile(static_cast<const T*>(p.q) + seq.q_offset(p, b, h, r0, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
-                    p.q_row_stride, rows, d, qf.data(), dp, rows_p);
+                    p.q_row_stride, rows, d, qf.data(), dp, M);
+          transpose(qf.data(), M, dp, qt.data());
           std::fill(of.begin(), of.end(), 0.f);
-          std::fill(state.begin(), state.end(), flash::OnlineSoftmax{});
-          for (int c0 = c_begin; c0 < c_end; c0 += kBlockN) {
-            const int n = std::min(kBlockN, c_end - c0);
+          std::fill(row_max.begin(), row_max.end(), -flash::kInf);
+          std::fill(row_sum.begin(), row_sum.end(), 0.f);
+          for (int i = 0; i < M; ++i) hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(r0 + i));
+          for (int c0 = c_begin; c0 < c_end; c0 += N) {
+            const int n = std::min(N, c_end - c0);
             load_tile(static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
-                      p.k_row_stride, n, d, kf.data(), dp, kBlockN);
-            transpose_tile(kf.data(), dp, n, dp, kt.data());
+                      p.k_row_stride, n, d, kf.data(), dp, N);
             load_tile(static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
-                      p.v_row_stride, n, d, vf.data(), dp, kBlockN);
-            tile_gemm<false>(qf.data(), dp, kt.data(), kBlockN, s.data(), kBlockN, rows_p, kBlockN, dp);
-            for (int i = 0; i < rows; ++i) {
-              const int row = r0 + i;
-              float* si = &s[i * kBlockN];
-              int jb, je;
-              visible_cols(mask, row, c0, n, &jb, &je);
-              if (jb >= je) {
-                std::fill(si, si + kBlockN, 0.f);
-                continue;
+                      p.v_row_stride, n, d, vf.data(), dp, N);
+            tile_gemm<false>(kf.data(), dp, 1, qt.data(), M, st.data(), M, N, M, dp);  // S^T = K Q^T
+            // Scaled, capped, masked scores (log2 units) and each query's max over this tile.
+            std::fill(tile_max.begin(), tile_max.end(), -flash::kInf);
+            for (int j = 0; j < N; ++j) {
+              float* sj = &st[j * M];
+              int ib = 0, ie = 0;
+              if (j < n) seeing_rows(mask, c0 + j, r0, rows, &ib, &ie);
+              if (p.softcap > 0) {
+                for (int i = ib; i < ie; ++i) sj[i] = flash::apply_softcap(sj[i] * p.scale, p.softcap);
+              } else {
+                #pragma omp simd
+                for (int i = ib; i < ie; ++i) sj[i] *= p.scale;
               }
-              float tile_max = -flash::kInf;
-              for (int j = jb; j < je; ++j) {
-                si[j] = flash::apply_softcap(si[j] * p.scale, p.softcap) * flash::kLog2e;
-                tile_max = std::max(tile_max, si[j]);
-              }
-              flash::OnlineSoftmax& st = state[i];
-              const float factor = st.rescale(tile_max);
-              float* o = &of[i * dp];
               #pragma omp simd
-              for (int c = 0; c < dp; ++c) o[c] *= factor;
-              float sum = 0.f;
-              #pragma omp simd reduction(+ : sum)
-              for (int j = 0; j < kBlockN; ++j) {
-                const float pj = (j >= jb && j < je) ? exp2_nonpositive(si[j] - st.max) : 0.f;
-                si[j] = pj;
-                sum += pj;
-              }
-              st.sum += sum;
-              if (p.dropout.enabled()) {  // the sum above is of the undropped probabilities
-                const uint32_t hash = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(row));
-                for (int j = jb; j < je; ++j) si[j] = p.dropout.keep(hash, uint32_t(c0 + j)) ? si[j] * p.dropout.scale : 0.f;
+              for (int i = 0; i < M; ++i) {
+                sj[i] = (i >= ib && i < ie) ? sj[i] * flash::kLog2e : -flash::kInf;
+                tile_max[i] = std::max(tile_max[i], sj[i]);
               }
             }
-            for (int i = rows; i < rows_p; ++i) std::fill(&s[i * kBlockN], &s[(i + 1) * kBlockN], 0.f);
-            tile_gemm<true>(s.data(), kBlockN, vf.data(), dp, of.data(), dp, rows_p, dp, kBlockN);
+            // The online-softmax update of flash_math.h's OnlineSoftmax, as vectors over queries.
+            for (int i = 0; i < M; i += 16) {
+              const Vec16 old_max = load16(&row_max[i]), tmax = load16(&tile_max[i]);
+              const Vec16 new_max = old_max > tmax ? old_max : tmax;
+              const Vec16 f = new_max == -flash::kInf ? 1.f + Vec16{} : exp2_nonpositive(old_max - new_max);
+              store16(&factor[i], f);
+              store16(&row_max[i], new_max);
+              store16(&row_sum[i], load16(&row_sum[i]) * f);
+            }
+            for (int j = 0; j < N; ++j) {
+              float* sj = &st[j * M];
+              for (int i = 0; i < M; i += 16) {
+                const Vec16 x = load16(sj + i);
+                const Vec16 prob = x == -flash::kInf ? Vec16{} : exp2_nonpositive(x - load16(&row_max[i]));
+                store16(&row_sum[i], load16(&row_sum[i]) + prob);
+                store16(sj + i, prob);
+              }
+              if (p.dropout.enabled()) {  // the sums above are of the undropped probabilities
+                for (int i = 0; i < M; ++i)
+                  sj[i] = p.dropout.keep(hashes[i], uint32_t(c0 + j)) ? sj[i] * p.dropout.scale : 0.f;
+              }
+            }
+            for (int i = 0; i < M; ++i) {
+              float* o = &of[i * dp];
+              #pragma omp simd
+              for (int c = 0; c < dp; ++c) o[c] *= factor[i];
+            }
+            tile_gemm<true>(st.data(), 1, M, vf.data(), dp, of.data(), dp, M, dp, N);  // O += P V
           }
           T* out = static_cast<T*>(p.out);
           for (int i = 0; i < rows; ++i) {
-            const float inv = state[i].inv_sum();
+            flash::OnlineSoftmax row{row_max[i] == -flash::kInf ? -flash::kInf : row_max[i], row_sum[i]};
+            const float inv = row.inv_sum();
             T* dst = out + seq.q_offset(p, b, h, r0 + i, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
             for (int c = 0; c < d; ++c) dst[c] = from_float<T>(of[i * dp + c] * inv);
-            p.lse[seq.lse_index(p, b, h, r0 + i)] = state[i].lse();
+            p.lse[seq.lse_index(p, b, h, r0 + i)] = row.lse();
           }
         }
       }
@@ -200,19 +224,21 @@ template <typename T>
 void backward_typed(const Flash_params& p) {
   const int d = p.head_dim, dp = round_up(d, kMicroCols);
   const int group = p.heads / p.kv_heads;
+  constexpr int M = kBlockM, N = kBlockN;
   #pragma omp parallel
   {
-    const size_t max_q = size_t(round_up(std::max(p.seqlen_q, 1), kBlockM)), max_k = size_t(round_up(std::max(p.seqlen_k, 1), kBlockN));
-    std::vector<float> qf(max_q * dp), dof(max_q * dp), dqf(max_q * dp), d_rows(max_q), lse(max_q), row(d);
-    std::vector<float> dkf(max_k * dp), dvf(max_k * dp);
-    std::vector<float> kf(kBlockN * dp), kt(dp * kBlockN), vf(kBlockN * dp), vt(dp * kBlockN);
-    std::vector<float> s(kBlockM * kBlockN), dpm(kBlockM * kBlockN), pt(kBlockN * kBlockM), dst(kBlockN * kBlockM);
+    const int max_q = round_up(std::max(p.seqlen_q, 1), M), max_k = round_up(std::max(p.seqlen_k, 1), N);
+    std::vector<float> qf(size_t(max_q) * dp), qt(size_t(dp) * max_q), dof(size_t(max_q) * dp), dot(size_t(dp) * max_q);
+    std::vector<float> dqf(size_t(max_q) * dp), d_rows(max_q), lse(max_q), row(d);
+    std::vector<float> dkf(size_t(max_k) * dp), dvf(size_t(max_k) * dp), kf(N * dp), vf(N * dp);
+    std::vector<float> st(N * M), dpt(N * M), pt(N * M);
+    std::vector<uint32_t> hashes(max_q);
     #pragma omp for collapse(2) schedule(dynamic)
     for (int b = 0; b < p.batch; ++b) {
       for (int kvh = 0; kvh < p.kv_heads; ++kvh) {
         const Flash_seq seq = Flash_seq::of(p, b);
         const int sq = seq.seqlen_q, sk = seq.seqlen_k;
-        const int sq_p = round_up(sq, kBlockM), sk_p = round_up(sk, kBlockN);
+        const int sq_p = round_up(std::max(sq, 1), M), sk_p = round_up(std::max(sk, 1), N);
         const flash::Mask mask = seq.mask(p);
         std::fill(dkf.begin(), dkf.begin() + size_t(sk_p) * dp, 0.f);
         std::fill(dvf.begin(), dvf.begin() + size_t(sk_p) * dp, 0.f);
@@ -224,68 +250,70 @@ void backward_typed(const Flash_params& p) {
                          seq.q_offset(p, b, h, 0, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
           load_tile(q, p.q_row_stride, sq, d, qf.data(), dp, sq_p);
           load_tile(dout, p.dout_row_stride, sq, d, dof.data(), dp, sq_p);
-          for (int i = 0; i < sq; ++i) {  // D_i = rowsum(dO * O), the softmax backward's correction
-            for (int c = 0; c < d; ++c) row[c] = to_float(out[i * p.out_row_stride + c]);
+          transpose(qf.data(), sq_p, dp, qt.data());
+          transpose(dof.data(), sq_p, dp, dot.data());
+          for (int i = 0; i < sq_p; ++i) {  // D_i = rowsum(dO * O), the softmax backward's correction
             float acc = 0.f;
-            for (int c = 0; c < d; ++c) acc += row[c] * dof[i * dp + c];
+            if (i < sq) {
+              for (int c = 0; c < d; ++c) row[c] = to_float(out[i * p.out_row_stride + c]);
+              for (int c = 0; c < d; ++c) acc += row[c] * dof[i * dp + c];
+            }
             d_rows[i] = acc;
-            lse[i] = p.lse[seq.lse_index(p, b, h, i)];
+            lse[i] = i < sq ? p.lse[seq.lse_index(p, b, h, i)] : flash::kInf;
+            hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(i));
           }
           std::fill(dqf.begin(), dqf.begin() + size_t(sq_p) * dp, 0.f);
-          for (int c0 = 0; c0 < sk; c0 += kBlockN) {
-            const int n = std::min(kBlockN, sk - c0);
+          for (int c0 = 0; c0 < sk; c0 += N) {
+            const int n = std::min(N, sk - c0);
             int r_begin, r_end;
             mask.row_range(c0, c0 + n, &r_begin, &r_end);
             if (r_begin >= r_end) continue;
             load_tile(static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
-                      p.k_row_stride, n, d, kf.data(), dp, kBlockN);
-            transpose_tile(kf.data(), dp, n, dp, kt.data());
+                      p.k_row_stride, n, d, kf.data(), dp, N);
             load_tile(static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
-                      p.v_row_stride, n, d, vf.data(), dp, kBlockN);
-            transpose_tile(vf.data(), dp, n, dp, vt.data());
+                      p.v_row_stride, n, d, vf.data(), dp, N);
             float* dk = &dkf[size_t(c0) * dp];
             float* dv = &dvf[size_t(c0) * dp];
-            for (int m0 = r_begin / kBlockM * kBlockM; m0 < r_end; m0 += kBlockM) {
-              const int rows = std::min(kBlockM, sq - m0);
-              tile_gemm<false>(&qf[m0 * dp], dp, kt.data(), kBlockN, s.data(), kBlockN, kBlockM, kBlockN, dp);
-              tile_gemm<false>(&dof[m0 * dp], dp, vt.data(), kBlockN, dpm.data(), kBlockN, kBlockM, kBlockN, dp);
-              std::fill(pt.begin(), pt.end(), 0.f);
-              std::fill(dst.begin(), dst.end(), 0.f);
-              for (int i = 0; i < rows; ++i) {
-                const int row_i = m0 + i;
-                float* si = &s[i * kBlockN];   // becomes dS (scaled) in place
-                const float* dpi = &dpm[i * kBlockN];
-                int jb, je;
-                visible_cols(mask, row_i, c0, n, &jb, &je);
-                if (jb >= je || lse[row_i] == flash::kInf) {
-                  std::fill(si, si + kBlockN, 0.f);
+            for (int m0 = r_begin / M * M; m0 < r_end; m0 += M) {
+              tile_gemm<false>(kf.data(), dp, 1, &qt[m0], sq_p, st.data(), M, N, M, dp);    // S^T = K Q^T
+              tile_gemm<false>(vf.data(), dp, 1, &dot[m0], sq_p, dpt.data(), M, N, M, dp);  // dP^T = V dO^T
+              for (int j = 0; j < N; ++j) {  // st becomes dS^T (scaled), pt P^T (dropped)
+                float* sj = &st[j * M];
+                float* pj = &pt[j * M];
+                const float* dpj = &dpt[j * M];
+                int ib = 0, ie = 0;
+                if (j < n) seeing_rows(mask, c0 + j, m0, std::min(M, sq - m0), &ib, &ie);
+                if (p.softcap == 0.f && !p.dropout.enabled()) {  // the common case, 16 queries at a time
+                  const IVec16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+                  for (int i = 0; i < M; i += 16) {
+                    const Vec16 l = load16(&lse[m0 + i]), s_ = load16(sj + i) * p.scale;
+                    const IVec16 idx = lane + i;
+                    const auto on = (idx >= ib) & (idx < ie) & (l != flash::kInf);
+                    const Vec16 prob = on ? exp2_nonpositive((s_ - l) * flash::kLog2e) : Vec16{};
+                    store16(pj + i, prob);
+                    store16(sj + i, prob * (load16(dpj + i) - load16(&d_rows[m0 + i])) * p.scale);
+                  }
                   continue;
                 }
-                const uint32_t hash = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(row_i));
-                for (int j = 0; j < kBlockN; ++j) {
-                  if (j < jb || j >= je) {
-                    si[j] = 0.f;
-                    continue;
-                  }
-                  const float capped = flash::apply_softcap(si[j] * p.scale, p.softcap);
-                  const float prob = exp2_nonpositive((capped - lse[row_i]) * flash::kLog2e);
-                  float kept = prob, dprob = dpi[j];
+                for (int i = 0; i < M; ++i) {
+                  const float capped = flash::apply_softcap(sj[i] * p.scale, p.softcap);
+                  const float l = lse[m0 + i];
+                  const bool on = i >= ib && i < ie && l != flash::kInf;
+                  const float prob = on ? exp2_nonpositive((capped - l) * flash::kLog2e) : 0.f;
+                  float kept = prob, dprob = dpj[i];
                   if (p.dropout.enabled()) {
-                    const bool keep = p.dropout.keep(hash, uint32_t(c0 + j));
+                    const bool keep = p.dropout.keep(hashes[m0 + i], uint32_t(c0 + j));
                     kept = keep ? prob * p.dropout.scale : 0.f;
                     dprob = keep ? dprob * p.dropout.scale : 0.f;
                   }
-                  const float ds = flash::softmax_grad(prob, dprob, d_rows[row_i]) *
-                                   flash::softcap_grad(capped, p.softcap) * p.scale;
-                  si[j] = ds;
-                  pt[j * kBlockM + i] = kept;
-                  dst[j * kBlockM + i] = ds;
+                  pj[i] = kept;
+                  sj[i] = flash::softmax_grad(prob, dprob, d_rows[m0 + i]) * flash::softcap_grad(capped, p.softcap) *
+                          p.scale;
                 }
               }
-              for (int i = rows; i < kBlockM; ++i) std::fill(&s[i * kBlockN], &s[(i + 1) * kBlockN], 0.f);
-              tile_gemm<true>(pt.data(), kBlockM, &dof[m0 * dp], dp, dv, dp, kBlockN, dp, kBlockM);
-              tile_gemm<true>(dst.data(), kBlockM, &qf[m0 * dp], dp, dk, dp, kBlockN, dp, kBlockM);
-              tile_gemm<true>(s.data(), kBlockN, kf.data(), dp, &dqf[m0 * dp], dp, kBlockM, dp, kBlockN);
+              tile_gemm<true>(pt.data(), M, 1, &dof[size_t(m0) * dp], dp, dv, dp, N, dp, M);  // dV += P^T dO
+              tile_gemm<true>(st.data(), M, 1, &qf[size_t(m0) * dp], dp, dk, dp, N, dp, M);   // dK += dS^T Q
+              tile_gemm<true>(st.data(), 1, M, kf.data(), dp, &dqf[size_t(m0) * dp], dp, M, dp, N);  // dQ += dS K
             }
           }
           T* dq = static_cast<T*>(p.dq) + seq.q_offset(p, b, h, 0, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
