@@ -134,10 +134,9 @@ def _empty_lse(q: Tensor, varlen: bool) -> Tensor:
     return torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
 
 
-@torch.library.custom_op("phi_kernels::flash_attn_forward", mutates_args=())
-def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-             softcap: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
+                  max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+                  softcap: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
     varlen = cu_seqlens_q is not None
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = _empty_lse(q, varlen)
@@ -151,6 +150,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_se
         flash_attn_fwd_triton(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               softmax_scale, window_left, window_right, softcap, dropout_p, seed)
     return out, lse
+
+
+_forward = torch.library.custom_op("phi_kernels::flash_attn_forward", _forward_impl, mutates_args=())
 
 
 @_forward.register_fake
@@ -227,8 +229,11 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
         out, lse = flash_attn_ref(q, k, v, softmax_scale=float(scale), window_size=(wl, wr), softcap=float(softcap),
                                   dropout_p=float(dropout_p), seed=seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
         return (out, lse, None) if return_attn_probs else out
-    out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, float(scale), wl, wr, float(softcap), float(dropout_p),
-                        seed, name)
+    # Without autograd or tracing (decoding, evaluation) the kernels are called directly: the
+    # custom op's dispatch costs more than a decoding step's attention on a small model.
+    needs_op = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    fwd = _forward if needs_op or torch.compiler.is_compiling() else _forward_impl
+    out, lse = fwd(q, k, v, cu_q, cu_k, max_q, max_k, float(scale), wl, wr, float(softcap), float(dropout_p), seed, name)
     # The triton and cpu backwards are deterministic (no atomics); cuda is excluded above when asked.
     return (out, lse, None) if return_attn_probs else out
 

@@ -255,6 +255,12 @@ def apply_rotary(
         offsets_t, offset = None, seqlen_offsets
     max_len = x.shape[1] if cu_seqlens is None else max_seqlen
     cos, sin = cos.contiguous(), sin.contiguous()
+    if not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling():
+        # No autograd, no tracing (decoding, evaluation): launch directly; the custom op's
+        # dispatch would cost more than rotating one token.
+        out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+        _launch(x, cos, sin, offsets_t, offset, cu_seqlens, max_len, interleaved, False, name, out)
+        return out
     if inplace:
         return _RotaryInplace.apply(x, cos, sin, offsets_t, offset, cu_seqlens, max_len, interleaved, name)
     return _rotary(x, cos, sin, offsets_t, offset, cu_seqlens, max_len, interleaved, False, name)

@@ -171,8 +171,11 @@ class PhiForCausalLM(nn.Module):
         logits = self.lm_head(self.model.final_layernorm(x))  # (B, T, V)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+            # Shift the labels, not the logits: position t predicts token t + 1 and the last
+            # position is ignored. logits stays a view (no copy of the (B, T, vocab) tensor, and no
+            # zero-filled gradient for a slice of it in the backward).
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
 
     # ------------------------------------------------------------------ helpers

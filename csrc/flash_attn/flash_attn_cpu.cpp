@@ -101,20 +101,35 @@ inline float exp2_nonpositive(float x) { return exp2_nonpositive(x + Vec16{})[0]
 // Copies `rows` rows of `d` elements (row stride `stride`) into a zero-padded fp32 tile with
 // row pitch `pitch`; rows [rows, padded_rows) are zero.
 template <typename T>
-void load_tile(const T* src, int64_t stride, int rows, int d, float* dst, int pitch, int padded_rows) {
+void load_tile(const T* __restrict__ src, int64_t stride, int rows, int d, float* __restrict__ dst, int pitch,
+               int padded_rows) {
   for (int r = 0; r < rows; ++r) {
-    const T* s = src + r * stride;
-    for (int c = 0; c < d; ++c) dst[r * pitch + c] = to_float(s[c]);
+    const T* __restrict__ s = src + r * stride;
+    float* __restrict__ o = dst + r * pitch;
+    #pragma omp simd
+    for (int c = 0; c < d; ++c) o[c] = to_float(s[c]);
     std::fill(dst + r * pitch + d, dst + (r + 1) * pitch, 0.f);
   }
   std::fill(dst + rows * pitch, dst + padded_rows * pitch, 0.f);
 }
 
 // dst[c * rows + r] = src[r * pitch + c] for c < pitch: a padded tile transposed.
-void transpose(const float* src, int rows, int pitch, float* dst) {
+void transpose(const float* __restrict__ src, int rows, int pitch, float* __restrict__ dst) {
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < pitch; ++c) dst[c * rows + r] = src[r * pitch + c];
 }
+
+// Per-thread scratch that persists across calls (no allocation per call: decoding calls the
+// forward with one query row, where a malloc per tile would cost more than the math).
+float* scratch(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// Below this many multiply-adds a call runs on the calling thread: forking OpenMP workers
+// costs more than the work (a decoding step of a small model).
+constexpr double kParallelMacs = 1 << 20;
 
 // The queries (relative to r0, within [0, m)) that see key `col`: [*begin, *end).
 inline void seeing_rows(const flash::Mask& mask, int col, int r0, int m, int* begin, int* end) {
@@ -123,16 +138,91 @@ inline void seeing_rows(const flash::Mask& mask, int col, int r0, int m, int* be
   *end = std::clamp(*end - r0, 0, m);
 }
 
+// A tile of at most kDirectRows query rows (a decoding step, or the tail of a sequence) is
+// computed row by row: all of a row's scores at once (exact two-pass softmax), reading K and
+// V in place. The tile path would pad the rows to kMicroCols columns of S^T: 32x the work for
+// one row.
+constexpr int kDirectRows = 4;
+
+template <typename T>
+void forward_rows_direct(const Flash_params& p, int b, int h, int r0, int rows, const Flash_seq& seq, float* buf) {
+  const int d = p.head_dim;
+  const flash::Mask mask = seq.mask(p);
+  const int kvh = p.kv_head(h);
+  const T* k = static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, 0, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  const T* v = static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, 0, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  float* const q = buf;                      // d
+  float* const o = q + round_up(d, 16);      // d
+  float* const s = o + round_up(d, 16);      // the row's scores, padded to 16
+  for (int i = 0; i < rows; ++i) {
+    const int row = r0 + i;
+    int jb, je;
+    mask.key_range(row, row + 1, &jb, &je);
+    T* dst = static_cast<T*>(p.out) + seq.q_offset(p, b, h, row, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+    float* lse = p.lse + seq.lse_index(p, b, h, row);
+    if (jb >= je) {  // sees no key: output 0, lse +inf (flash_math.h's OnlineSoftmax of an empty row)
+      for (int c = 0; c < d; ++c) dst[c] = from_float<T>(0.f);
+      *lse = flash::OnlineSoftmax{}.lse();
+      continue;
+    }
+    const T* qs = static_cast<const T*>(p.q) + seq.q_offset(p, b, h, row, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+    for (int c = 0; c < d; ++c) q[c] = to_float(qs[c]);
+    const int n = je - jb, n16 = round_up(n, 16);
+    float row_max = -flash::kInf;
+    for (int j = 0; j < n; ++j) {
+      const T* kj = k + int64_t(jb + j) * p.k_row_stride;
+      float dot = 0.f;
+      #pragma omp simd reduction(+ : dot)
+      for (int c = 0; c < d; ++c) dot += q[c] * to_float(kj[c]);
+      s[j] = flash::apply_softcap(dot * p.scale, p.softcap) * flash::kLog2e;
+      row_max = std::max(row_max, s[j]);
+    }
+    std::fill(s + n, s + n16, -flash::kInf);
+    Vec16 sums{};
+    for (int j = 0; j < n16; j += 16) {
+      const Vec16 x = load16(s + j);
+      const Vec16 prob = x == -flash::kInf ? Vec16{} : exp2_nonpositive(x - row_max);
+      sums += prob;
+      store16(s + j, prob);
+    }
+    float sum = 0.f;
+    for (int l = 0; l < 16; ++l) sum += sums[l];
+    std::fill(o, o + d, 0.f);
+    const uint32_t hash = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(row));
+    for (int j = 0; j < n; ++j) {
+      float pj = s[j];
+      if (p.dropout.enabled()) pj = p.dropout.keep(hash, uint32_t(jb + j)) ? pj * p.dropout.scale : 0.f;
+      const T* vj = v + int64_t(jb + j) * p.v_row_stride;
+      #pragma omp simd
+      for (int c = 0; c < d; ++c) o[c] += pj * to_float(vj[c]);
+    }
+    const flash::OnlineSoftmax stats{row_max, sum};
+    const float inv = stats.inv_sum();
+    for (int c = 0; c < d; ++c) dst[c] = from_float<T>(o[c] * inv);
+    *lse = stats.lse();
+  }
+}
+
 template <typename T>
 void forward_typed(const Flash_params& p) {
   const int d = p.head_dim, dp = round_up(d, kMicroCols);
   const int m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
   constexpr int M = kBlockM, N = kBlockN;
-  #pragma omp parallel
+  const double macs = 2.0 * p.batch * p.heads * double(p.seqlen_q) * p.seqlen_k * dp;
+  #pragma omp parallel if (macs > kParallelMacs)
   {
-    std::vector<float> qf(M * dp), qt(dp * M), of(M * dp), kf(N * dp), vf(N * dp), st(N * M);
-    std::vector<float> row_max(M), row_sum(M), factor(M), tile_max(M);
-    std::vector<uint32_t> hashes(M);
+    float* const qf = scratch(size_t(4 * M * dp + 2 * N * dp + N * M + 5 * M) + 2 * dp + round_up(p.seqlen_k, 16));
+    float* const qt = qf + M * dp;
+    float* const of = qt + M * dp;
+    float* const kf = of + M * dp;
+    float* const vf = kf + N * dp;
+    float* const st = vf + N * dp;
+    float* const row_max = st + N * M;
+    float* const row_sum = row_max + M;
+    float* const factor = row_sum + M;
+    float* const tile_max = factor + M;
+    uint32_t* const hashes = reinterpret_cast<uint32_t*>(tile_max + M);
+    float* const direct_buf = tile_max + 2 * M;
     #pragma omp for collapse(3) schedule(dynamic)
     for (int b = 0; b < p.batch; ++b) {
       for (int h = 0; h < p.heads; ++h) {
@@ -141,28 +231,33 @@ void forward_typed(const Flash_params& p) {
           const int r0 = mb * M;
           if (r0 >= seq.seqlen_q) continue;
           const int rows = std::min(M, seq.seqlen_q - r0);
+          if (rows <= kDirectRows) {
+            forward_rows_direct<T>(p, b, h, r0, rows, seq, direct_buf);
+            continue;
+          }
+          const int cols = round_up(rows, kMicroCols);  // query columns of S^T actually computed
           const flash::Mask mask = seq.mask(p);
           int c_begin, c_end;
           mask.key_range(r0, r0 + rows, &c_begin, &c_end);
           const int kvh = p.kv_head(h);
           load_tile(static_cast<const T*>(p.q) + seq.q_offset(p, b, h, r0, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
-                    p.q_row_stride, rows, d, qf.data(), dp, M);
-          transpose(qf.data(), M, dp, qt.data());
-          std::fill(of.begin(), of.end(), 0.f);
-          std::fill(row_max.begin(), row_max.end(), -flash::kInf);
-          std::fill(row_sum.begin(), row_sum.end(), 0.f);
-          for (int i = 0; i < M; ++i) hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(r0 + i));
+                    p.q_row_stride, rows, d, qf, dp, cols);
+          transpose(qf, cols, dp, qt);  // qt[c * cols + i]: pitch `cols`
+          std::fill(of, of + cols * dp, 0.f);
+          std::fill(row_max, row_max + cols, -flash::kInf);
+          std::fill(row_sum, row_sum + cols, 0.f);
+          for (int i = 0; i < cols; ++i) hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(r0 + i));
           for (int c0 = c_begin; c0 < c_end; c0 += N) {
             const int n = std::min(N, c_end - c0);
             load_tile(static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
-                      p.k_row_stride, n, d, kf.data(), dp, N);
+                      p.k_row_stride, n, d, kf, dp, N);
             load_tile(static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
-                      p.v_row_stride, n, d, vf.data(), dp, N);
-            tile_gemm<false>(kf.data(), dp, 1, qt.data(), M, st.data(), M, N, M, dp);  // S^T = K Q^T
+                      p.v_row_stride, n, d, vf, dp, N);
+            tile_gemm<false>(kf, dp, 1, qt, cols, st, cols, N, cols, dp);  // S^T = K Q^T, pitch `cols`
             // Scaled, capped, masked scores (log2 units) and each query's max over this tile.
-            std::fill(tile_max.begin(), tile_max.end(), -flash::kInf);
+            std::fill(tile_max, tile_max + cols, -flash::kInf);
             for (int j = 0; j < N; ++j) {
-              float* sj = &st[j * M];
+              float* sj = st + j * cols;
               int ib = 0, ie = 0;
               if (j < n) seeing_rows(mask, c0 + j, r0, rows, &ib, &ie);
               if (p.softcap > 0) {
@@ -172,39 +267,39 @@ void forward_typed(const Flash_params& p) {
                 for (int i = ib; i < ie; ++i) sj[i] *= p.scale;
               }
               #pragma omp simd
-              for (int i = 0; i < M; ++i) {
+              for (int i = 0; i < cols; ++i) {
                 sj[i] = (i >= ib && i < ie) ? sj[i] * flash::kLog2e : -flash::kInf;
                 tile_max[i] = std::max(tile_max[i], sj[i]);
               }
             }
             // The online-softmax update of flash_math.h's OnlineSoftmax, as vectors over queries.
-            for (int i = 0; i < M; i += 16) {
-              const Vec16 old_max = load16(&row_max[i]), tmax = load16(&tile_max[i]);
+            for (int i = 0; i < cols; i += 16) {
+              const Vec16 old_max = load16(row_max + i), tmax = load16(tile_max + i);
               const Vec16 new_max = old_max > tmax ? old_max : tmax;
               const Vec16 f = new_max == -flash::kInf ? 1.f + Vec16{} : exp2_nonpositive(old_max - new_max);
-              store16(&factor[i], f);
-              store16(&row_max[i], new_max);
-              store16(&row_sum[i], load16(&row_sum[i]) * f);
+              store16(factor + i, f);
+              store16(row_max + i, new_max);
+              store16(row_sum + i, load16(row_sum + i) * f);
             }
             for (int j = 0; j < N; ++j) {
-              float* sj = &st[j * M];
-              for (int i = 0; i < M; i += 16) {
+              float* sj = st + j * cols;
+              for (int i = 0; i < cols; i += 16) {
                 const Vec16 x = load16(sj + i);
-                const Vec16 prob = x == -flash::kInf ? Vec16{} : exp2_nonpositive(x - load16(&row_max[i]));
-                store16(&row_sum[i], load16(&row_sum[i]) + prob);
+                const Vec16 prob = x == -flash::kInf ? Vec16{} : exp2_nonpositive(x - load16(row_max + i));
+                store16(row_sum + i, load16(row_sum + i) + prob);
                 store16(sj + i, prob);
               }
               if (p.dropout.enabled()) {  // the sums above are of the undropped probabilities
-                for (int i = 0; i < M; ++i)
+                for (int i = 0; i < cols; ++i)
                   sj[i] = p.dropout.keep(hashes[i], uint32_t(c0 + j)) ? sj[i] * p.dropout.scale : 0.f;
               }
             }
-            for (int i = 0; i < M; ++i) {
-              float* o = &of[i * dp];
+            for (int i = 0; i < cols; ++i) {
+              float* o = of + i * dp;
               #pragma omp simd
               for (int c = 0; c < dp; ++c) o[c] *= factor[i];
             }
-            tile_gemm<true>(st.data(), 1, M, vf.data(), dp, of.data(), dp, M, dp, N);  // O += P V
+            tile_gemm<true>(st, 1, cols, vf, dp, of, dp, cols, dp, N);  // O += P V
           }
           T* out = static_cast<T*>(p.out);
           for (int i = 0; i < rows; ++i) {
@@ -225,7 +320,8 @@ void backward_typed(const Flash_params& p) {
   const int d = p.head_dim, dp = round_up(d, kMicroCols);
   const int group = p.heads / p.kv_heads;
   constexpr int M = kBlockM, N = kBlockN;
-  #pragma omp parallel
+  const double macs = 5.0 * p.batch * p.heads * double(p.seqlen_q) * p.seqlen_k * dp;
+  #pragma omp parallel if (macs > kParallelMacs)
   {
     const int max_q = round_up(std::max(p.seqlen_q, 1), M), max_k = round_up(std::max(p.seqlen_k, 1), N);
     std::vector<float> qf(size_t(max_q) * dp), qt(size_t(dp) * max_q), dof(size_t(max_q) * dp), dot(size_t(dp) * max_q);
