@@ -15,11 +15,12 @@ from torch.utils.checkpoint import checkpoint
 
 import phi_kernels
 from phi_model.config import PhiConfig
+from phi_model.loss import fused_linear_cross_entropy
 
 
 @dataclass
 class CausalLMOutput:
-    logits: Tensor  # (B, T, V)
+    logits: Tensor | None  # (B, T, V); None when the loss was fused (return_logits=False)
     loss: Tensor | None = None
 
 
@@ -149,9 +150,11 @@ class PhiForCausalLM(nn.Module):
         return cached
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, eos_token_id: int | None = None,
-                caches: list[KVCache] | None = None, cache_pos: int = 0) -> CausalLMOutput:
+                caches: list[KVCache] | None = None, cache_pos: int = 0, return_logits: bool = True) -> CausalLMOutput:
         """input_ids (B, T). labels like Hugging Face: aligned with input_ids, shifted here,
-        -100 ignored. eos_token_id: document-aware attention (no attention across an EOS)."""
+        -100 ignored. eos_token_id: document-aware attention (no attention across an EOS).
+        return_logits=False (with labels): the loss is fused with lm_head
+        (phi_model/loss.py) and the (B, T, vocab) logits are never materialised; logits is None."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -168,7 +171,12 @@ class PhiForCausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, cu, max_len, cache, cache_pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu, max_len, cache, cache_pos)
-        logits = self.lm_head(self.model.final_layernorm(x))  # (B, T, V)
+        x = self.model.final_layernorm(x)
+        if labels is not None and not return_logits:
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+            loss = fused_linear_cross_entropy(x.reshape(b * t, -1), self.lm_head.weight, self.lm_head.bias, targets)
+            return CausalLMOutput(logits=None, loss=loss)
+        logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if labels is not None:
             # Shift the labels, not the logits: position t predicts token t + 1 and the last

@@ -192,3 +192,45 @@ def test_generate_command_streams_from_a_checkpoint_dir(tmp_path):
                           "def add(", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def add(") and len(out.stdout) > len("def add(\n")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fused_linear_cross_entropy_matches_unfused(dtype):
+    """Chunked, logits-free loss = F.cross_entropy(F.linear(...)) in value and gradients, with
+    ignored rows, a ragged last chunk, and a non-unit incoming gradient; no grads in no_grad."""
+    import torch.nn.functional as F
+
+    from phi_model.loss import fused_linear_cross_entropy
+
+    h = torch.randn(300, 64, dtype=dtype, requires_grad=True)
+    w = torch.randn(1000, 64, dtype=dtype, requires_grad=True)
+    b = torch.randn(1000, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 1000, (300,))
+    t[::7] = -100
+    expect = F.cross_entropy(F.linear(h, w, b).float(), t, ignore_index=-100)
+    g_expect = torch.autograd.grad(expect * 3, (h, w, b))
+    got = fused_linear_cross_entropy(h, w, b, t, chunk_rows=128)
+    g_got = torch.autograd.grad(got * 3, (h, w, b))
+    torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-6)
+    for a, e in zip(g_got, g_expect):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy(h, w, b, t), expect.detach(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="targets must be int64"):
+        fused_linear_cross_entropy(h, w, b, t.int())
+
+
+def test_model_fused_loss_equals_logits_loss():
+    torch.manual_seed(0)
+    model = PhiForCausalLM(PhiConfig.from_name("tiny"))
+    x = torch.randint(0, model.config.vocab_size, (2, 40))
+    labels = x.clone()
+    labels[:, :5] = -100
+    ref = model(x, labels=labels)
+    g_ref = torch.autograd.grad(ref.loss, list(model.parameters()))
+    fused = model(x, labels=labels, return_logits=False)
+    assert fused.logits is None
+    g_fused = torch.autograd.grad(fused.loss, list(model.parameters()))
+    torch.testing.assert_close(fused.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for a, e in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)

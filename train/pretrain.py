@@ -139,7 +139,7 @@ def evaluate() -> float:
     total = 0.0
     for _ in range(cfg.eval_batches):
         x = val_loader.next_batch().to(device)
-        total += engine(x, labels=x, eos_token_id=eos).loss.item()
+        total += engine(x, labels=x, eos_token_id=eos, return_logits=False).loss.item()
     val_loader.load_state_dict(saved)
     engine.train()
     return mean_over_ranks(total / cfg.eval_batches)
@@ -168,7 +168,7 @@ t_last, loss_acc, n_acc = time.perf_counter(), 0.0, 0
 while step < cfg.max_steps:
     for _ in range(cfg.grad_accum):
         x = train_loader.next_batch().to(device)
-        loss = engine(x, labels=x, eos_token_id=eos).loss
+        loss = engine(x, labels=x, eos_token_id=eos, return_logits=False).loss
         engine.backward(loss)
         engine.step()
         loss_acc += loss.item()
