@@ -4,7 +4,8 @@
 //
 // CTA = (key tile of kBlockN keys, sequence, query head). K, V tiles -> smem once; dK, dV
 // accumulate in registers. For each query tile that sees the keys:
-//   Q, dO tiles -> smem;  S = Q K^T, dP = dO V^T (fp32 registers);
+//   Q, dO tiles are in smem (double-buffered: the next tile's copy runs during this one);
+//   S = Q K^T, dP = dO V^T (fp32 registers);
 //   P = exp(S - lse) (recomputed from the forward's LSE), dS = P (dP - D) * scale, masked;
 //   P, dS -> smem (16-bit);  dV += P^T dO;  dK += dS^T Q;  dQ += dS K (fp32 atomics into
 //   dq_accum, since other key tiles add to the same rows).
@@ -27,9 +28,9 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const Flash_par
   constexpr int kNTs = N / 2 / 8;  // score tiles per warp: 16 rows x 32 columns
   constexpr int kNTd = D / 2 / 8;  // dK / dV / dQ tiles per warp: 16 rows x d/2 columns
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sdO = sQ + M * D;
-  T* sK = sdO + M * D;
+  T* const sQ0 = reinterpret_cast<T*>(smem);  // [2][M][D]
+  T* const sdO0 = sQ0 + 2 * M * D;              // [2][M][D]
+  T* sK = sdO0 + 2 * M * D;
   T* sV = sK + N * D;
   T* sP = sV + N * D;   // [M][N]
   T* sdS = sP + M * N;  // [M][N]
@@ -51,10 +52,6 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const Flash_par
   float* dq_acc = p.dq_accum + (seq.q_row0 + (p.is_varlen() ? 0 : int64_t(b) * p.seqlen_q)) * p.heads * D + h * D;
   const int64_t dq_acc_row_stride = int64_t(p.heads) * D;
 
-  load_tile_async<N, D, Kt::kThreads>(sK, k, p.k_row_stride, c0, seq.seqlen_k, tid);
-  load_tile_async<N, D, Kt::kThreads>(sV, v, p.v_row_stride, c0, seq.seqlen_k, tid);
-  cp_async_commit();
-
   float acc_dk[kNTd][4] = {};
   float acc_dv[kNTd][4] = {};
   int r_begin, r_end;
@@ -62,14 +59,26 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const Flash_par
   const int m_begin = r_begin / M, m_end = r_end > r_begin ? (r_end + M - 1) / M : m_begin;
   const uint32_t bh = uint32_t(b * p.heads + h);
 
+  load_tile_async<N, D, Kt::kThreads>(sK, k, p.k_row_stride, c0, seq.seqlen_k, tid);
+  load_tile_async<N, D, Kt::kThreads>(sV, v, p.v_row_stride, c0, seq.seqlen_k, tid);
+  if (m_begin < m_end) {
+    load_tile_async<M, D, Kt::kThreads>(sQ0, q, p.q_row_stride, m_begin * M, seq.seqlen_q, tid);
+    load_tile_async<M, D, Kt::kThreads>(sdO0, dout, p.dout_row_stride, m_begin * M, seq.seqlen_q, tid);
+  }
+  cp_async_commit();
+
   for (int mb = m_begin; mb < m_end; ++mb) {
     const int m0 = mb * M;
-    __syncthreads();  // every warp is done with the previous tiles' Q, dO, P, dS
-    load_tile_async<M, D, Kt::kThreads>(sQ, q, p.q_row_stride, m0, seq.seqlen_q, tid);
-    load_tile_async<M, D, Kt::kThreads>(sdO, dout, p.dout_row_stride, m0, seq.seqlen_q, tid);
-    cp_async_commit();
+    const int buf = (mb - m_begin) & 1;
+    T* const sQ = sQ0 + buf * M * D;
+    T* const sdO = sdO0 + buf * M * D;
     cp_async_wait_all();
-    __syncthreads();
+    __syncthreads();  // tile mb is in smem, and every warp is done with the previous tile's buffers
+    if (mb + 1 < m_end) {  // prefetch the next query tile into the other buffer
+      load_tile_async<M, D, Kt::kThreads>(sQ0 + (buf ^ 1) * M * D, q, p.q_row_stride, m0 + M, seq.seqlen_q, tid);
+      load_tile_async<M, D, Kt::kThreads>(sdO0 + (buf ^ 1) * M * D, dout, p.dout_row_stride, m0 + M, seq.seqlen_q, tid);
+    }
+    cp_async_commit();
 
     float acc_s[kNTs][4] = {};
     float acc_dp[kNTs][4] = {};

@@ -3,7 +3,8 @@
 // kernels and tested there); fragment layouts: fragment_layout.h.
 //
 // CTA = (query tile of kBlockM rows, sequence, head); warp w owns rows 16w .. 16w + 15.
-//   Q tile -> smem once. For each key tile in the rows' visible range:
+//   Q tile -> smem -> each warp's 16 rows into registers (A fragments), once. For each key tile
+//   in the rows' visible range:
 //     wait K; start loading V;  S = Q K^T (fp32, registers);  scale, softcap, mask;
 //     online softmax (row max over the 4 lanes of a row, rescale O);  P -> fp16/bf16 A fragments;
 //     wait V; start loading the next K;  O += P V.
@@ -50,6 +51,7 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const Flash_par
   OnlineSoftmax row_state[2];  // this lane's two rows: warp row lane/4 and lane/4 + 8
   const int wrow0 = r0 + warp * 16;  // first row of this warp
   const uint32_t bh = uint32_t(b * p.heads + h);
+  uint32_t q_frag[D / 16][4];  // this warp's Q rows, held in registers for every key tile
 
   for (int nb = n_begin; nb < n_end; ++nb) {
     const int c0 = nb * N;
@@ -57,9 +59,10 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const Flash_par
     __syncthreads();  // K tile nb is in shared memory for every warp; V's buffer is free
     load_tile_async<N, D, Kt::kThreads>(sV, v, p.v_row_stride, c0, seq.seqlen_k, tid);
     cp_async_commit();
+    if (nb == n_begin) load_a_frags<D, D>(q_frag, sQ, warp * 16, lane);
 
     float acc_s[kNTs][4] = {};
-    warp_gemm_ss<kNTs, D, false, false, D, D>(acc_s, sQ, warp * 16, sK, 0, lane);
+    warp_gemm_rs<kNTs, D, false, D>(acc_s, q_frag, sK, 0, lane);
 
     const bool all_visible = mask.tile_all_visible(wrow0, wrow0 + 16, c0, c0 + N);
     float tile_max[2] = {-kInf, -kInf};

@@ -20,7 +20,8 @@ struct Fwd_traits {
 };
 
 // Backward: one CTA per (key tile, batch, head) holds dK, dV of its kBlockN keys in registers
-// and walks the query tiles that see them (flash-attention 2's loop order). 8 warps on a 4 x 2
+// and walks the query tiles that see them (flash-attention 2's loop order), the next Q / dO
+// tile loading while the current one is used. 8 warps on a 4 x 2
 // grid: rows 16 * (warp % 4), column half warp / 4 of every product, which keeps dK, dV, dQ
 // and the score tiles at <= 32 registers each for head_dim 128.
 template <int kHeadDim_>
@@ -30,8 +31,8 @@ struct Bwd_traits {
   static constexpr int kThreads = 32 * kNWarps;
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 64;
-  // Q, dO (kBlockM x d), K, V (kBlockN x d), P, dS (kBlockM x kBlockN), all 16-bit.
-  static constexpr int kSmemBytes = (2 * kBlockM + 2 * kBlockN) * kHeadDim * 2 + 2 * kBlockM * kBlockN * 2;
+  // Q, dO (kBlockM x d, two buffers each), K, V (kBlockN x d), P, dS (kBlockM x kBlockN), 16-bit.
+  static constexpr int kSmemBytes = (4 * kBlockM + 2 * kBlockN) * kHeadDim * 2 + 2 * kBlockM * kBlockN * 2;
 };
 
 }  // namespace phi::flash

@@ -120,8 +120,19 @@ __device__ __forceinline__ void warp_gemm_ss(float (&acc)[kNT][4], const T* sA, 
   }
 }
 
-// As warp_gemm_ss with A already in registers: a[kK / 16][4] fragments (the forward's P,
-// converted from the score accumulators without a round trip through shared memory).
+// The A fragments of 16 rows (from row0) x kK columns of a swizzled [rows][kPitch] tile.
+template <int kK, int kPitch, typename T>
+__device__ __forceinline__ void load_a_frags(uint32_t (&a)[kK / 16][4], const T* sA, int row0, int lane) {
+  #pragma unroll
+  for (int k0 = 0; k0 < kK; k0 += 16) {
+    const RowCol ap = ldm_a(lane, row0, k0);
+    ldmatrix_x4(a[k0 / 16], smem_addr(sA + Swizzled<kPitch>::offset(ap.row, ap.col)));
+  }
+}
+
+// As warp_gemm_ss with A already in registers: a[kK / 16][4] fragments (the forward's Q, held
+// for the whole key loop, and its P, converted from the score accumulators without a round
+// trip through shared memory).
 template <int kNT, int kK, bool kBTrans, int kBPitch, typename T>
 __device__ __forceinline__ void warp_gemm_rs(float (&acc)[kNT][4], const uint32_t (&a)[kK / 16][4], const T* sB,
                                              int b_col0, int lane) {
