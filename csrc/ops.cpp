@@ -25,11 +25,13 @@ TORCH_LIBRARY(phi_kernels, m) {
   // Flash attention (csrc/flash_attn). q/k/v dense (batch, seqlen, heads, d) or packed
   // (total, heads, d) with cu_seqlens; window (left, right) with -1 unbounded, causal is
   // right = 0; softcap 0 = off; dropout kept iff the hash of (seed, batch*heads+head, row, col)
-  // clears dropout_p. out/lse (fp32, (batch, heads, seqlen_q) or (heads, total_q)) are written.
+  // clears dropout_p; seqused_k (int32 (batch,)): sequence b uses only its first seqused_k[b]
+  // keys, masks aligned to them (a KV cache filled to different lengths). out/lse (fp32,
+  // (batch, heads, seqlen_q) or (heads, total_q)) are written.
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
-      "float softcap, float dropout_p, int seed, Tensor(a!) out, Tensor(b!) lse) -> ()");
+      "Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
+      "int window_right, float softcap, float dropout_p, int seed, Tensor(a!) out, Tensor(b!) lse) -> ()");
   // Its backward from the forward's out and lse: writes dq, dk, dv.
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "

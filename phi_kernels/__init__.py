@@ -12,7 +12,12 @@ from phi_kernels._backends import (
     backend_status,
 )
 from phi_kernels.adam import FusedAdam
-from phi_kernels.flash_attn import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
+from phi_kernels.flash_attn import (
+    flash_attn_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+)
 from phi_kernels.rotary import apply_rotary, apply_rotary_qkv, rotary_cos_sin
 
 _extension.load_error()  # load the compiled ops now, if they were built
@@ -25,6 +30,7 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "available_backends",
     "backend_status",
     "apply_rotary",

@@ -135,20 +135,20 @@ def _empty_lse(q: Tensor, varlen: bool) -> Tensor:
 
 
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-                  max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+                  seqused_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
                   softcap: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
     varlen = cu_seqlens_q is not None
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = _empty_lse(q, varlen)
     if backend in ("cuda", "cpu"):  # causal is carried by the window: window_right == 0
-        torch.ops.phi_kernels.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        torch.ops.phi_kernels.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                                              softmax_scale, window_left, window_right, softcap, dropout_p, seed,
                                              out, lse)
     else:
         from phi_kernels.triton.flash_attn_fwd import flash_attn_fwd_triton
 
         flash_attn_fwd_triton(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              softmax_scale, window_left, window_right, softcap, dropout_p, seed)
+                              softmax_scale, window_left, window_right, softcap, dropout_p, seed, seqused_k=seqused_k)
     return out, lse
 
 
@@ -156,8 +156,8 @@ _forward = torch.library.custom_op("phi_kernels::flash_attn_forward", _forward_i
 
 
 @_forward.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-      softcap, dropout_p, seed, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+      window_right, softcap, dropout_p, seed, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format), _empty_lse(q, cu_seqlens_q is not None)
 
 
@@ -191,7 +191,9 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, dropout_p, seed, backend = inputs
+    q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, wl, wr, softcap, dropout_p, seed, backend = inputs
+    if seqused_k is not None:  # only flash_attn_with_kvcache passes it, and it refuses gradients
+        raise NotImplementedError("flash attention with seqused_k has no backward (inference only)")
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.args = (max_q, max_k, scale, wl, wr, softcap, dropout_p, seed)
@@ -203,7 +205,7 @@ def _autograd_backward(ctx, dout, dlse):
     max_q, max_k, scale, wl, wr, softcap, dropout_p, seed = ctx.args
     dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, dropout_p,
                            seed, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -233,7 +235,8 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
     # custom op's dispatch costs more than a decoding step's attention on a small model.
     needs_op = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     fwd = _forward if needs_op or torch.compiler.is_compiling() else _forward_impl
-    out, lse = fwd(q, k, v, cu_q, cu_k, max_q, max_k, float(scale), wl, wr, float(softcap), float(dropout_p), seed, name)
+    out, lse = fwd(q, k, v, cu_q, cu_k, None, max_q, max_k, float(scale), wl, wr, float(softcap), float(dropout_p), seed,
+                   name)
     # The triton and cpu backwards are deterministic (no atomics); cuda is excluded above when asked.
     return (out, lse, None) if return_attn_probs else out
 
@@ -274,3 +277,97 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale
                          f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
                            softcap, deterministic, return_attn_probs, backend=backend)
+
+
+def _cache_seqlens(cache_seqlens, batch: int, device) -> Tensor | int | None:
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        return cache_seqlens
+    if (not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32
+            or tuple(cache_seqlens.shape) != (batch,)):
+        raise ValueError(f"cache_seqlens must be an int or an int32 tensor of shape (batch,) = ({batch},), got "
+                         + (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, Tensor)
+                            else type(cache_seqlens).__name__))
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens must be on q's device {device}, got {cache_seqlens.device}")
+    return cache_seqlens
+
+
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
+                            v: Tensor | None = None, cache_seqlens: int | Tensor | None = None,
+                            softmax_scale: float | None = None, causal: bool = False,
+                            window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            return_softmax_lse: bool = False, *, backend: str | None = None):
+    """Attention against a preallocated KV cache (decoding; drop-in for flash-attention 2's).
+
+    q (batch, seqlen_q, heads, d); k_cache / v_cache (batch, cache_len, kv_heads, d); the optional
+    new k / v (batch, seqlen_new, kv_heads, d) are written into the caches *in place* at rows
+    cache_seqlens[b] : cache_seqlens[b] + seqlen_new, then row b of q attends to the first
+    cache_seqlens[b] + seqlen_new keys of its cache (causal aligned to the last of them).
+    cache_seqlens: an int (every row filled alike), an int32 tensor (batch,) (rows filled to
+    different lengths: batched prompts of different lengths), or None (the whole cache, k/v must
+    be None). Inference only: inputs that require grad are refused. Returns out, or (out, lse)
+    with return_softmax_lse (lse fp32 (batch, heads, seqlen_q)).
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, seqlen, heads, head_dim), got "
+                             + (str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__))
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new keys and values) or both be None")
+    batch, cache_len = k_cache.shape[0], k_cache.shape[1]
+    if k_cache.shape != v_cache.shape or batch != q.shape[0]:
+        raise ValueError(f"k_cache and v_cache must have the same shape (batch = q's {q.shape[0]}), got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                       for t in (q, k_cache, v_cache, k, v)):
+        raise ValueError("flash_attn_with_kvcache is inference only: call it under torch.no_grad() "
+                         "(an input requires grad)")
+    new = 0
+    if k is not None:
+        if k.dim() != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(f"k and v must be (batch, seqlen_new, kv_heads, head_dim) = ({batch}, n, "
+                             f"{k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+            raise ValueError(f"k and v must have the caches' dtype {k_cache.dtype}, got {k.dtype} and {v.dtype}")
+        new = k.shape[1]
+    lens = _cache_seqlens(cache_seqlens, batch, q.device)
+    if lens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required with new k / v (where to write them)")
+        lens = cache_len - new
+    if isinstance(lens, int):
+        if not 0 <= lens <= cache_len - new:
+            raise ValueError(f"cache_seqlens ({lens}) + seqlen_new ({new}) must be in [0, cache_len = {cache_len}]")
+    elif not torch.compiler.is_compiling():
+        lo, hi = (int(lens.min()), int(lens.max())) if batch else (0, 0)
+        if lo < 0 or hi + new > cache_len:
+            raise ValueError(f"cache_seqlens + seqlen_new must be in [0, cache_len = {cache_len}], got "
+                             f"cache_seqlens in [{lo}, {hi}] and seqlen_new {new}")
+    if k is not None and new:
+        if isinstance(lens, int):
+            k_cache[:, lens:lens + new] = k
+            v_cache[:, lens:lens + new] = v
+        else:  # row b's new keys go to its own offset
+            rows = torch.arange(batch, device=q.device).view(batch, 1)
+            cols = lens.view(batch, 1).long() + torch.arange(new, device=q.device).view(1, new)
+            k_cache[rows, cols] = k
+            v_cache[rows, cols] = v
+    if isinstance(lens, int):  # every row alike: plain attention over the filled prefix
+        out, lse, _ = flash_attn_func(q, k_cache[:, :lens + new], v_cache[:, :lens + new], 0.0, softmax_scale,
+                                      causal, window_size, softcap, False, True, backend=backend)
+        return (out, lse) if return_softmax_lse else out
+    used = lens + new if new else lens
+    _check(q, k_cache, v_cache, None, None, None, None, 0.0, window_size, softcap, softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    wl, wr = _window(causal, window_size)
+    name = resolve_backend("flash_attn", q.device, backend, supported=("cuda", "triton", "cpu", "ref"),
+                           why_not=lambda n: (_why_not_cuda(q, k_cache, v_cache, False) if n == "cuda"
+                                              else _why_not_cpu() if n == "cpu" else None))
+    if name == "ref":
+        out, lse = flash_attn_ref(q, k_cache, v_cache, softmax_scale=float(scale), window_size=(wl, wr),
+                                  softcap=float(softcap), seqused_k=used)
+    else:
+        fwd = _forward if torch.compiler.is_compiling() else _forward_impl
+        out, lse = fwd(q, k_cache, v_cache, None, None, used, q.shape[1], cache_len, float(scale), wl, wr,
+                       float(softcap), 0.0, 0, name)
+    return (out, lse) if return_softmax_lse else out

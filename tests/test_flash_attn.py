@@ -176,7 +176,7 @@ def test_qkvpacked(backend):
 def test_opcheck_and_compile():
     backend = "triton" if DEVICE == "cuda" or kernel_backends()[1].marks == () else "ref"
     q, k, v = (torch.randn(1, 20, 2, 64, device=DEVICE, requires_grad=True) for _ in range(3))
-    args = (q, k, v, None, None, 20, 20, 0.125, -1, 0, 0.0, 0.0, 0, backend)
+    args = (q, k, v, None, None, None, 20, 20, 0.125, -1, 0, 0.0, 0.0, 0, backend)
     torch.library.opcheck(torch.ops.phi_kernels.flash_attn_forward.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

@@ -234,3 +234,6 @@ if rank == 0:
     print(f"exported {final} (Hugging Face format + tokenizer.json); metrics {metrics_path}; plot "
           f"{os.path.join(cfg.out_dir, 'loss.png')}", flush=True)
 dist.barrier()
+# Tear the process group down before interpreter exit: left to static destructors, gloo's threads
+# can abort the process ("terminate called without an active exception") after a finished run.
+dist.destroy_process_group()

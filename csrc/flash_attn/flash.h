@@ -42,6 +42,9 @@ struct Flash_params {
 
   const int32_t* cu_seqlens_q;  // (batch + 1,) or nullptr for the dense layout
   const int32_t* cu_seqlens_k;
+  // Forward only, or nullptr: sequence b uses only its first seqused_k[b] keys (a KV cache
+  // filled to different lengths per row: flash_attn_with_kvcache's cache_seqlens).
+  const int32_t* seqused_k;
   int batch, heads, kv_heads, head_dim;
   int seqlen_q, seqlen_k;  // the max over sequences when varlen
   int total_q;             // rows of q (varlen) = batch * seqlen_q (dense): lse's row count per head
@@ -62,11 +65,15 @@ struct Flash_seq {
   int64_t q_row0, k_row0;  // packed row of the sequence's first token (0 for dense)
 
   PHI_HOST_DEVICE static Flash_seq of(const Flash_params& p, int b) {
+    Flash_seq s{p.seqlen_q, p.seqlen_k, 0, 0};
     if (p.is_varlen()) {
-      const int q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
-      return {p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0, q0, k0};
+      s.q_row0 = p.cu_seqlens_q[b];
+      s.k_row0 = p.cu_seqlens_k[b];
+      s.seqlen_q = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+      s.seqlen_k = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
     }
-    return {p.seqlen_q, p.seqlen_k, 0, 0};
+    if (p.seqused_k != nullptr) s.seqlen_k = p.seqused_k[b];  // the masks align to the used keys
+    return s;
   }
 
   PHI_HOST_DEVICE flash::Mask mask(const Flash_params& p) const {

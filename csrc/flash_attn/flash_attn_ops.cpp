@@ -113,6 +113,28 @@ void add_backward(Flash_params& p, const at::Tensor& dout, const at::Tensor& q, 
   strides_of(dv, varlen, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
 }
 
+// seqused_k (forward only): int32 (batch,), sequence b attends to its first seqused_k[b] keys.
+void add_seqused_k(Flash_params& p, const std::optional<at::Tensor>& seqused_k, const at::Tensor& q) {
+  if (!seqused_k.has_value()) return;
+  const at::Tensor& s = *seqused_k;
+  TORCH_CHECK(s.scalar_type() == at::kInt && s.dim() == 1 && s.is_contiguous() && s.numel() == p.batch,
+              "seqused_k must be a contiguous int32 tensor of shape (batch,) = (", p.batch, ",), got ",
+              s.scalar_type(), s.sizes());
+  PHI_CHECK_DEVICE(s, q);
+  p.seqused_k = s.data_ptr<int32_t>();
+}
+
+// On the CPU the kernels index keys through seqused_k directly: its values must fit (the CUDA
+// path relies on phi_kernels.flash_attn_with_kvcache's checks instead of a device sync).
+void check_seqused_k_cpu(const Flash_params& p) {
+  if (p.seqused_k == nullptr) return;
+  for (int b = 0; b < p.batch; ++b) {
+    const int64_t avail = p.is_varlen() ? int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b] : p.seqlen_k;
+    TORCH_CHECK(p.seqused_k[b] >= 0 && p.seqused_k[b] <= avail, "seqused_k[", b, "] = ", p.seqused_k[b],
+                " must be in [0, ", avail, "] (the keys sequence ", b, " has)");
+  }
+}
+
 // The CPU kernels size their buffers by max_seqlen and index rows through cu_seqlens, so a
 // bad cu_seqlens must not reach them (cheap to check on the host).
 void check_cu_seqlens_cpu(const Flash_params& p, int64_t total_k) {
@@ -132,12 +154,15 @@ void check_cu_seqlens_cpu(const Flash_params& p, int64_t total_k) {
 }
 
 void flash_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_q,
+                        const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+                        const std::optional<at::Tensor>& seqused_k, int64_t max_q,
                         int64_t max_k, double scale, int64_t window_left, int64_t window_right, double softcap,
                         double dropout_p, int64_t seed, const at::Tensor& out, const at::Tensor& lse) {
   Flash_params p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap,
                                dropout_p, seed, out, lse);
   check_cu_seqlens_cpu(p, k.size(0));
+  add_seqused_k(p, seqused_k, q);
+  check_seqused_k_cpu(p);
   flash_fwd_cpu(p);
 }
 
@@ -195,12 +220,14 @@ void dispatch_cuda(const Flash_params& p, void* stream) {
 }
 
 void flash_attn_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t max_q,
+                         const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
+                         const std::optional<at::Tensor>& seqused_k, int64_t max_q,
                          int64_t max_k, double scale, int64_t window_left, int64_t window_right, double softcap,
                          double dropout_p, int64_t seed, const at::Tensor& out, const at::Tensor& lse) {
   Flash_params p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap,
                                dropout_p, seed, out, lse);
   check_cuda_supported(p, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
+  add_seqused_k(p, seqused_k, q);
   if (p.batch == 0 || p.seqlen_q == 0 || p.heads == 0) return;
   c10::cuda::CUDAGuard guard(q.device());
   dispatch_cuda<false>(p, c10::cuda::getCurrentCUDAStream().stream());

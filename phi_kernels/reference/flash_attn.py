@@ -94,22 +94,35 @@ def flash_attn_ref(
     seed: int = 0,
     cu_seqlens_q: Tensor | None = None,
     cu_seqlens_k: Tensor | None = None,
+    seqused_k: Tensor | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out in q's dtype, lse fp32, fp64 for fp64 inputs): lse (batch, heads, seqlen_q),
     or (heads, total_q) for packed inputs. Math in fp32 (fp64 for fp64 inputs) when upcast, else in q's dtype
-    (what a plain low-precision implementation would do: the error yardstick of the tests)."""
+    (what a plain low-precision implementation would do: the error yardstick of the tests).
+    seqused_k (batch,): sequence b sees only its first seqused_k[b] keys (a KV cache filled to
+    different lengths), the masks aligned to those keys."""
     compute = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     heads = q.shape[-2]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if cu_seqlens_q is None:
+    if cu_seqlens_q is None and seqused_k is None:
         out, lse = _attention(q, k, v, softmax_scale, window_size, softcap, dropout_p, seed, 0, compute)
         return out.to(q.dtype), lse.to(lse_dtype)
+    if cu_seqlens_q is None:  # dense with per-sequence key counts: one sequence at a time
+        used = seqused_k.tolist()
+        outs, lses = zip(*(_attention(q[b:b + 1], k[b:b + 1, :used[b]], v[b:b + 1, :used[b]], softmax_scale,
+                                      window_size, softcap, dropout_p, seed, b * heads, compute)
+                           for b in range(q.shape[0])))
+        return torch.cat(outs).to(q.dtype), torch.cat(lses).to(lse_dtype)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if seqused_k is not None:  # only the first seqused_k[b] keys of each packed sequence
+        ck_end = [ck[b] + u for b, u in enumerate(seqused_k.tolist())]
+    else:
+        ck_end = ck[1:]
     out = torch.zeros(q.shape, dtype=compute, device=q.device)
     lse = torch.full((heads, q.shape[0]), math.inf, dtype=lse_dtype, device=q.device)
     for b in range(len(cq) - 1):
-        o, l_ = _attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+        o, l_ = _attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck_end[b]], v[None, ck[b]:ck_end[b]],
                            softmax_scale, window_size, softcap, dropout_p, seed, b * heads, compute)
         out[cq[b]:cq[b + 1]] = o[0]
         lse[:, cq[b]:cq[b + 1]] = l_[0].to(lse_dtype)

@@ -4,7 +4,8 @@ Contract (validated by phi_kernels/flash_attn.py):
   q (batch, seqlen_q, heads, d) and k, v (batch, seqlen_k, kv_heads, d), or packed
   (total, heads, d) with int32 cu_seqlens_q / cu_seqlens_k (batch + 1); head_dim d a multiple
   of 8 up to 256 (tiles use the next power of two, masked); any strides with d contiguous.
-  out like q; lse fp32 (batch, heads, seqlen_q), or (heads, total_q) packed.
+  out like q; lse fp32 (batch, heads, seqlen_q), or (heads, total_q) packed. Optional int32
+  seqused_k (batch,): sequence b uses only its first seqused_k[b] keys (KV-cache decoding).
 Semantics as phi_kernels/reference/flash_attn.py: scale, optional tanh softcap, bottom-right
 aligned causal/sliding window, GQA (head h reads kv head h // group), dropout from a seed with
 the reference's hash, empty rows -> out 0, lse +inf.
@@ -142,12 +143,12 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, offs_d, head_
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, OUT, LSE, CU_Q, CU_K,
+    Q, K, V, OUT, LSE, CU_Q, CU_K, SEQUSED_K,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
     heads, group, seqlen_q, seqlen_k, head_dim, qk_scale, softcap, window_left, window_right, dropout_p, seed,
-    IS_VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED_K: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -155,6 +156,8 @@ def _flash_fwd_kernel(
     b = bh // heads
     h = bh % heads
     q_start, q_len, k_start, k_len = seq_bounds(b, CU_Q, CU_K, seqlen_q, seqlen_k, IS_VARLEN)
+    if HAS_SEQUSED_K:  # a KV cache filled to a different length per row: masks align to the used keys
+        k_len = tl.load(SEQUSED_K + b)
     m0 = pid_m * BLOCK_M
     if m0 < q_len:
         kvh = h // group
@@ -228,8 +231,9 @@ def launch_config(q, head_dim):
 
 
 def flash_attn_fwd_triton(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                          window_left, window_right, softcap, dropout_p, seed):
-    """Writes out and lse. Arguments validated by phi_kernels.flash_attn."""
+                          window_left, window_right, softcap, dropout_p, seed, seqused_k=None):
+    """Writes out and lse. Arguments validated by phi_kernels.flash_attn. seqused_k (int32
+    (batch,) or None): sequence b uses only its first seqused_k[b] keys."""
     from phi_kernels.triton._interp import kernel_view
 
     varlen = cu_seqlens_q is not None
@@ -241,12 +245,12 @@ def flash_attn_fwd_triton(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * heads)
     _flash_fwd_kernel[grid](
-        kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse, cu_seqlens_q, cu_seqlens_k,
+        kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen), *lse_strides,
         heads, heads // kv_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale, softcap,
         window_left, window_right, dropout_p, seed,
-        IS_VARLEN=varlen, SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        DROPOUT=dropout_p > 0, num_warps=num_warps, num_stages=1 if q.device.type == "cpu" else 2, **cfg,
+        IS_VARLEN=varlen, HAS_SEQUSED_K=seqused_k is not None, SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0,
+        HAS_RIGHT=window_right >= 0, DROPOUT=dropout_p > 0, num_warps=num_warps, num_stages=1 if q.device.type == "cpu" else 2, **cfg,
     )
 
 
@@ -260,15 +264,15 @@ def aot_specs():
     for dt in ("fp16", "bf16"):
         for d in (64, 128):
             sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "OUT": f"*{dt}", "LSE": "*fp32", "CU_Q": "*i32",
-                   "CU_K": "*i32"}
+                   "CU_K": "*i32", "SEQUSED_K": "*i32"}
             sig.update({f"stride_{n}": "i64" for n in ("qb", "qm", "qh", "kb", "kn", "kh", "vb", "vn", "vh", "ob",
                                                        "om", "oh", "lb", "lh")})
             sig.update({"heads": "i32", "group": "i32", "seqlen_q": "i32", "seqlen_k": "i32", "head_dim": "i32",
                         "qk_scale": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32",
                         "dropout_p": "fp32", "seed": "i32"})
             bm, bn = (64, 64) if d <= 64 else (64, 32)
-            consts = dict(IS_VARLEN=False, SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=True, DROPOUT=False,
-                          PRECISION="tf32", BF16_AS_INT16=False,
+            consts = dict(IS_VARLEN=False, HAS_SEQUSED_K=False, SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=True,
+                          DROPOUT=False, PRECISION="tf32", BF16_AS_INT16=False,
                           DOT_DTYPE=tl.float16 if dt == "fp16" else tl.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d)
             flops = 4 * b * s * s * h * d / 2
             nbytes = 4 * b * s * h * d * 2 + b * h * s * 4

@@ -1,0 +1,143 @@
+"""flash_attn_with_kvcache: the new keys land in the cache at each row's offset, and each row
+attends to its own filled prefix (rows of different lengths: batched decoding), on every backend
+against the fp64 reference; the kernels' seqused_k path; bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from phi_kernels import flash_attn_with_kvcache
+from phi_kernels.reference import flash_attn_ref
+from tests.conftest import DEVICE, kernel_backends
+
+BACKENDS = [p for p in kernel_backends() if p.values[0] != "cuda"] + [
+    pytest.param("cuda", marks=pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU")), "ref"]
+
+
+def _expected(q, k_cache, v_cache, k, v, lens, causal, window, softcap, dtype):
+    """The cache after the write and the attention output, built row by row in fp64 (the oracle
+    slices each row's prefix; it never sees seqused_k)."""
+    kc, vc = k_cache.double().clone(), v_cache.double().clone()
+    new = 0 if k is None else k.shape[1]
+    outs, plain = [], []
+    left, right = window
+    wnd = (left, 0) if causal else (left, right)
+    for b, n in enumerate(lens):
+        if new:
+            kc[b, n:n + new], vc[b, n:n + new] = k[b].double(), v[b].double()
+        used = n + new
+        kw = dict(softmax_scale=1 / math.sqrt(q.shape[-1]), window_size=wnd, softcap=softcap)
+        outs.append(flash_attn_ref(q[b:b + 1].double(), kc[b:b + 1, :used], vc[b:b + 1, :used], **kw)[0])
+        plain.append(flash_attn_ref(q[b:b + 1], kc[b:b + 1, :used].to(dtype), vc[b:b + 1, :used].to(dtype),
+                                    upcast=False, **kw)[0])
+    return kc, vc, torch.cat(outs), torch.cat(plain)
+
+
+CASES = [  # (seqlen_q = seqlen_new, heads, kv_heads, head_dim, causal, window, softcap, lens)
+    (1, 4, 4, 64, True, (-1, -1), 0.0, [0, 7, 40]),  # one decoding step, one row starting empty
+    (5, 4, 2, 64, True, (-1, -1), 0.0, [3, 0, 20]),  # a chunk of 5 (prefill continuation), GQA
+    (3, 2, 1, 128, False, (-1, -1), 0.0, [10, 33, 1]),  # non-causal, MQA, head_dim 128
+    (4, 2, 2, 64, True, (6, -1), 30.0, [25, 2, 9]),  # sliding window + softcap
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[f"q{c[0]}h{c[1]}/{c[2]}d{c[3]}{'c' if c[4] else ''}w{c[5][0]}"
+                                             for c in CASES])
+def test_kvcache_vs_fp64(backend, dtype, case):
+    if backend == "cuda" and (dtype == torch.float32 or case[3] not in (64, 128)):
+        pytest.skip("cuda backend: fp16/bf16 with head_dim 64 or 128 only")
+    sq, heads, kv_heads, d, causal, window, softcap, lens = case
+    batch, cache_len = len(lens), 48
+    mk = lambda *s: torch.randn(*s, device=DEVICE).to(dtype)  # noqa: E731
+    q, k, v = mk(batch, sq, heads, d), mk(batch, sq, kv_heads, d), mk(batch, sq, kv_heads, d)
+    k_cache, v_cache = mk(batch, cache_len, kv_heads, d), mk(batch, cache_len, kv_heads, d)
+    kc64, vc64, o64, olo = _expected(q, k_cache, v_cache, k, v, lens, causal, window, softcap, dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=causal,
+                                           window_size=window, softcap=softcap, return_softmax_lse=True,
+                                           backend=backend)
+    # The write is exact (a copy) and touches nothing outside rows [lens[b], lens[b] + sq).
+    assert torch.equal(k_cache.double(), kc64) and torch.equal(v_cache.double(), vc64)
+    err, plain = (out.double() - o64).abs().max().item(), (olo.double() - o64).abs().max().item()
+    assert err <= 2 * plain + 1e-5, (err, plain)
+    assert lse.shape == (batch, heads, sq) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int_lengths_and_tensor_lengths_agree(backend):
+    """An int cache_seqlens (every row alike) takes the dense path; a tensor of equal lengths the
+    seqused_k path: same result."""
+    q = torch.randn(2, 1, 4, 64, device=DEVICE)
+    kv = [torch.randn(2, 32, 2, 64, device=DEVICE) for _ in range(2)]
+    new = [torch.randn(2, 1, 2, 64, device=DEVICE) for _ in range(2)]
+    with torch.no_grad():
+        a = flash_attn_with_kvcache(q, kv[0].clone(), kv[1].clone(), *new, cache_seqlens=9, causal=True, backend=backend)
+        b = flash_attn_with_kvcache(q, kv[0].clone(), kv[1].clone(), *new, causal=True, backend=backend,
+                                    cache_seqlens=torch.full((2,), 9, dtype=torch.int32, device=DEVICE))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_row_outputs_zero(backend):
+    """A row whose cache is empty and that brings no new key sees nothing: out 0, lse +inf."""
+    q = torch.randn(2, 1, 2, 64, device=DEVICE)
+    kc, vc = torch.randn(2, 16, 2, 64, device=DEVICE), torch.randn(2, 16, 2, 64, device=DEVICE)
+    with torch.no_grad():
+        out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([0, 5], dtype=torch.int32,
+                                                                                 device=DEVICE),
+                                           return_softmax_lse=True, backend=backend)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isinf(lse[0]).all()
+    ref = flash_attn_ref(q[1:], kc[1:, :5], vc[1:, :5], softmax_scale=1 / 8)[0]
+    torch.testing.assert_close(out[1:], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_cache_without_lengths():
+    q, kc, vc = torch.randn(1, 2, 2, 64), torch.randn(1, 10, 2, 64), torch.randn(1, 10, 2, 64)
+    with torch.no_grad():
+        out = flash_attn_with_kvcache(q, kc, vc, causal=True, backend="cpu")
+    torch.testing.assert_close(out, flash_attn_ref(q, kc, vc, softmax_scale=1 / 8, window_size=(-1, 0))[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_op_rejects_out_of_range_seqused_k():
+    """The C++ op checks seqused_k itself on the CPU (its kernels index keys through it)."""
+    q, k = torch.randn(2, 1, 2, 64), torch.randn(2, 8, 2, 64)
+    out, lse = torch.empty_like(q), torch.empty(2, 2, 1)
+    with pytest.raises(RuntimeError, match=r"seqused_k\[1\] = 9 must be in \[0, 8\]"):
+        torch.ops.phi_kernels.flash_attn_fwd(q, k, k, None, None, torch.tensor([3, 9], dtype=torch.int32), 1, 8,
+                                             0.125, -1, -1, 0.0, 0.0, 0, out, lse)
+    with pytest.raises(RuntimeError, match="seqused_k must be a contiguous int32"):
+        torch.ops.phi_kernels.flash_attn_fwd(q, k, k, None, None, torch.tensor([3, 4]), 1, 8,
+                                             0.125, -1, -1, 0.0, 0.0, 0, out, lse)
+
+
+def _bad():
+    q, kc = torch.randn(2, 1, 4, 64), torch.randn(2, 8, 2, 64)
+    kn = torch.randn(2, 1, 2, 64)
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    return [
+        ("grad", lambda: flash_attn_with_kvcache(q.clone().requires_grad_(), kc, kc), "inference only"),
+        ("k without v", lambda: flash_attn_with_kvcache(q, kc, kc, kn, None, cache_seqlens=lens), "together"),
+        ("no lengths with new keys", lambda: flash_attn_with_kvcache(q, kc, kc, kn, kn), "cache_seqlens is required"),
+        ("int64 lengths", lambda: flash_attn_with_kvcache(q, kc, kc, kn, kn, cache_seqlens=lens.long()), "int32"),
+        ("lengths shape", lambda: flash_attn_with_kvcache(q, kc, kc, kn, kn, cache_seqlens=lens[:1]), r"\(2,\)"),
+        ("overflow", lambda: flash_attn_with_kvcache(q, kc, kc, kn, kn, cache_seqlens=lens + 1), "cache_len = 8"),
+        ("int overflow", lambda: flash_attn_with_kvcache(q, kc, kc, kn, kn, cache_seqlens=8), "cache_len = 8"),
+        ("negative", lambda: flash_attn_with_kvcache(q, kc, kc, kn, kn, cache_seqlens=lens - 4), r"\[-1, 3\]"),
+        ("new kv heads", lambda: flash_attn_with_kvcache(q, kc, kc, kn[:, :, :1], kn[:, :, :1], cache_seqlens=lens),
+         "kv_heads"),
+        ("cache dtype", lambda: flash_attn_with_kvcache(q, kc, kc, kn.half(), kn.half(), cache_seqlens=lens), "dtype"),
+        ("cache batch", lambda: flash_attn_with_kvcache(q, kc[:1], kc[:1]), "batch"),
+        ("3-D cache", lambda: flash_attn_with_kvcache(q, kc[0], kc[0]), "k_cache must be a 4-D"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,match", _bad(), ids=[c[0] for c in _bad()])
+def test_bad_input(name, call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
