@@ -75,3 +75,35 @@ def test_cached_decoding(benchmark, models, impl):
                                 f"h{CFG.hidden_size} {str(DTYPE)[6:]}",
           provider=impl, ours=impl == "phi_model", work=NEW, unit="tokens/s", shape=f"prompt {PROMPT}, new {NEW}",
           dtype=DTYPE, device=DEVICE)
+
+
+@pytest.mark.parametrize("impl", ["phi_model", "transformers"])
+def test_batched_decoding_different_lengths(benchmark, models, impl):
+    """BATCH prompts of different lengths decoded together. Ours: right-padded prefill, then
+    per-row cache positions (flash_attn_with_kvcache); theirs: left padding + attention_mask, the
+    way transformers batches prompts."""
+    model = (models[0] if impl == "phi_model" else models[1]).eval()
+    g = torch.Generator().manual_seed(0)
+    lens = [PROMPT // (i + 1) for i in range(BATCH)]
+    prompts = [torch.randint(1, CFG.vocab_size, (n,), generator=g).tolist() for n in lens]
+
+    if impl == "phi_model":
+        def run():
+            return generate(model, prompts, NEW)
+    else:
+        ids = torch.zeros(BATCH, max(lens), dtype=torch.long)
+        mask = torch.zeros(BATCH, max(lens), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, max(lens) - len(p):] = torch.tensor(p)
+            mask[i, max(lens) - len(p):] = 1
+        ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+
+        def run():
+            with torch.no_grad():
+                return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                                      do_sample=False, use_cache=True, pad_token_id=0)
+
+    bench(benchmark, run, group=f"batched greedy decoding {BATCH} prompts of {min(lens)}..{max(lens)} + {NEW} new "
+                                f"{CFG.num_hidden_layers}L h{CFG.hidden_size} {str(DTYPE)[6:]}",
+          provider=impl, ours=impl == "phi_model", work=BATCH * NEW, unit="tokens/s",
+          shape=f"{BATCH} prompts {min(lens)}..{max(lens)}, new {NEW}", dtype=DTYPE, device=DEVICE)

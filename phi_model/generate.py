@@ -37,54 +37,108 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _check_prompts(prompts: list[list[int]], max_new_tokens: int) -> None:
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+
+
 @torch.no_grad()
+def _decode(model: PhiForCausalLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, seed: int | None, use_cache: bool) -> Iterator[Tensor]:
+    """Yields the next token of every prompt, a (B,) tensor per step, max_new_tokens times (the
+    caller may stop early).
+
+    Prompts of different lengths are right-padded into one batch and prefilled together from
+    position 0: under the causal mask a row's real tokens never see its padding. The logits of row
+    b are read at its last real token, and from then on row b writes its token at its own position
+    len(prompt b) + step (overwriting the padding in its cache) and attends to its own prefix only:
+    model(..., cache_pos=<int32 (B,) tensor>) -> phi_kernels.flash_attn_with_kvcache.
+    """
+    device = model.lm_head.weight.device
+    lens = [len(p) for p in prompts]
+    b, longest = len(prompts), max(lens)
+    ids = torch.zeros(b, longest, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, :lens[i]] = torch.as_tensor(p, dtype=torch.long)
+    if not use_cache and b > 1:
+        raise ValueError("use_cache=False decodes one prompt at a time")
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    last = torch.tensor(lens, device=device) - 1
+    rows = torch.arange(b, device=device)
+    caches = model.new_caches(b, longest + max_new_tokens) if use_cache else None
+    logits = model(ids, caches=caches, cache_pos=0).logits[rows, last]
+    # One int position when every row is alike (the plain attention path), else per-row positions.
+    pos: int | Tensor = longest if len(set(lens)) == 1 else torch.tensor(lens, dtype=torch.int32, device=device)
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)
+        yield nxt
+        if step + 1 == max_new_tokens:
+            return  # no forward for a token nobody will read
+        if use_cache:
+            logits = model(nxt.view(b, 1), caches=caches, cache_pos=pos).logits[:, -1]
+            pos = pos + 1
+        else:  # the oracle: the whole sequence again, no cache
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            logits = model(ids).logits[:, -1]
+
+
 def generate_stream(model: PhiForCausalLM, prompt_ids: list[int] | Tensor, max_new_tokens: int = 64, *,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, eos_token_id: int | None = None, use_cache: bool = True) -> Iterator[int]:
-    """Yields new token ids one by one for a single prompt."""
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=model.lm_head.weight.device).view(1, -1)
-    if ids.shape[1] == 0:
-        raise ValueError("prompt_ids must not be empty")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    gen = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
+    """Yields new token ids one by one for a single prompt (stops after eos_token_id)."""
+    prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, Tensor) else prompt_ids)]
+    _check_prompts([prompt], max_new_tokens)
     was_training = model.training
     model.eval()
     try:
-        caches = model.new_caches(1, ids.shape[1] + max_new_tokens) if use_cache else None
-        logits = model(ids, caches=caches, cache_pos=0).logits[:, -1]
-        pos = ids.shape[1]
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+        for nxt in _decode(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, use_cache):
             token = int(nxt)
             yield token
             if eos_token_id is not None and token == eos_token_id:
                 return
-            if use_cache:
-                logits = model(nxt.view(1, 1), caches=caches, cache_pos=pos).logits[:, -1]
-            else:
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-                logits = model(ids).logits[:, -1]
-            pos += 1
     finally:
         model.train(was_training)
 
 
 def generate(model: PhiForCausalLM, prompts: list[list[int]] | list[int], max_new_tokens: int = 64, *,
-             on_token: Callable[[int, int], None] | None = None, **kwargs) -> list[list[int]]:
-    """New tokens for one prompt (list of ids) or several of different lengths (list of lists).
-    Prompts of different lengths run one after another (each with its own cache); on_token(i, id)
-    is called as tokens arrive."""
-    single = len(prompts) > 0 and isinstance(prompts[0], int)
-    batch = [prompts] if single else prompts
-    outs = []
-    for i, p in enumerate(batch):
-        toks = []
-        for tok in generate_stream(model, p, max_new_tokens, **kwargs):
-            toks.append(tok)
-            if on_token is not None:
-                on_token(i, tok)
-        outs.append(toks)
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             eos_token_id: int | None = None, use_cache: bool = True,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New tokens for one prompt (a list of ids) or a batch of prompts of any lengths (a list of
+    lists), decoded together in one batch with a KV cache. Returns one list of new ids per prompt,
+    each ending at its first eos_token_id or at max_new_tokens; on_token(i, id) is called as the
+    tokens of prompt i arrive. Greedy results equal decoding each prompt alone. With
+    use_cache=False (the uncached oracle) prompts run one after another."""
+    single = len(prompts) > 0 and not isinstance(prompts[0], (list, tuple, Tensor))
+    batch = [list(map(int, prompts))] if single else [list(map(int, p)) for p in prompts]
+    _check_prompts(batch, max_new_tokens)
+    if not use_cache and len(batch) > 1:
+        return [generate(model, p, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                         eos_token_id=eos_token_id, use_cache=False,
+                         on_token=None if on_token is None else (lambda _, t, i=i: on_token(i, t)))[0]
+                for i, p in enumerate(batch)]
+    outs: list[list[int]] = [[] for _ in batch]
+    done = [False] * len(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        for nxt in _decode(model, batch, max_new_tokens, temperature, top_k, top_p, seed, use_cache):
+            for i, token in enumerate(nxt.tolist()):
+                if done[i]:
+                    continue  # a finished row still decodes (batch shapes stay fixed); its tokens are dropped
+                outs[i].append(token)
+                if on_token is not None:
+                    on_token(i, token)
+                done[i] = eos_token_id is not None and token == eos_token_id
+            if all(done):
+                break
+    finally:
+        model.train(was_training)
     return outs
 
 

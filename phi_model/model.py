@@ -25,7 +25,9 @@ class CausalLMOutput:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer: (B, max_len, kv_heads, head_dim)."""
+    """Preallocated keys and values of one layer: (B, max_len, kv_heads, head_dim). Rows may be
+    filled to different lengths (batched prompts of different lengths): the model is then given
+    cache_pos as an int32 tensor (B,) of per-row positions."""
 
     def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -65,7 +67,7 @@ class PhiAttention(nn.Module):
         self.dense = nn.Linear(h * d, cfg.hidden_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
-                cache: KVCache | None = None, cache_pos: int = 0) -> Tensor:
+                cache: KVCache | None = None, cache_pos: int | Tensor = 0) -> Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim)  # (B, T, nh, hd)
@@ -81,9 +83,15 @@ class PhiAttention(nn.Module):
         else:
             q = phi_kernels.apply_rotary(q, cos, sin, seqlen_offsets=cache_pos)
             k = phi_kernels.apply_rotary(k, cos, sin, seqlen_offsets=cache_pos)
-            if cache is not None:  # decoding: attend to everything cached so far (bottom-right causal)
-                k, v = cache.update(cache_pos, k, v)
-            y = phi_kernels.flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
+            if cache is not None and isinstance(cache_pos, Tensor):
+                # Rows at different positions: each writes its keys at its own offset and attends to
+                # its own filled prefix (the kernels' seqused_k), bottom-right causal.
+                y = phi_kernels.flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache_pos,
+                                                        causal=True)
+            else:
+                if cache is not None:  # decoding: attend to everything cached so far (bottom-right causal)
+                    k, v = cache.update(cache_pos, k, v)
+                y = phi_kernels.flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
         return self.dense(y.reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
 
 
@@ -150,16 +158,30 @@ class PhiForCausalLM(nn.Module):
         return cached
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, eos_token_id: int | None = None,
-                caches: list[KVCache] | None = None, cache_pos: int = 0, return_logits: bool = True) -> CausalLMOutput:
+                caches: list[KVCache] | None = None, cache_pos: int | Tensor = 0,
+                return_logits: bool = True) -> CausalLMOutput:
         """input_ids (B, T). labels like Hugging Face: aligned with input_ids, shifted here,
         -100 ignored. eos_token_id: document-aware attention (no attention across an EOS).
+        caches (from new_caches) with cache_pos: the position of input_ids[:, 0], an int, or an
+        int32 tensor (B,) when rows sit at different positions (batched decoding); inference only.
         return_logits=False (with labels): the loss is fused with lm_head
         (phi_model/loss.py) and the (B, T, vocab) logits are never materialised; logits is None."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
+        if isinstance(cache_pos, Tensor):
+            if caches is None:
+                raise ValueError("cache_pos as a tensor (per-row positions) needs caches")
+            if cache_pos.dtype != torch.int32 or tuple(cache_pos.shape) != (b,):
+                raise ValueError(f"cache_pos must be an int or an int32 tensor of shape (batch,) = ({b},), got "
+                                 f"{cache_pos.dtype} {tuple(cache_pos.shape)}")
+            positions = caches[0].k.shape[1]  # no row goes past its cache
+        elif not isinstance(cache_pos, int) or cache_pos < 0:
+            raise ValueError(f"cache_pos must be a non-negative int or an int32 tensor (batch,), got {cache_pos!r}")
+        else:
+            positions = cache_pos + t
         x = self.model.embed_dropout(self.model.embed_tokens(input_ids))  # (B, T, C)
-        cos, sin = self.rope(cache_pos + t, x.device, x.dtype)
+        cos, sin = self.rope(positions, x.device, x.dtype)
         cu, max_len = (None, 0)
         if eos_token_id is not None:
             if caches is not None:

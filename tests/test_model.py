@@ -147,19 +147,86 @@ def test_training_step_and_checkpointing():
     assert model.flops_per_token(32) > 6 * (model.num_params() - 64 * 256)
 
 
-def test_cached_generation_equals_uncached_greedy():
-    cfg = dataclasses.replace(PhiConfig.from_name("tiny"), vocab_size=97, num_hidden_layers=2)
+def _tiny_model(layers: int = 2, **kw):
+    cfg = dataclasses.replace(PhiConfig.from_name("tiny"), vocab_size=97, num_hidden_layers=layers, **kw)
     torch.manual_seed(0)
-    model = PhiForCausalLM(cfg)
+    return PhiForCausalLM(cfg).eval()
+
+
+def test_cached_generation_equals_uncached_greedy():
+    model = _tiny_model()
     prompts = [[5, 17, 3, 88], [9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
-    cached = generate(model, prompts, 20)
-    uncached = generate(model, prompts, 20, use_cache=False)
-    assert cached == uncached and all(len(c) == 20 for c in cached)
+    batched = generate(model, prompts, 20)  # one batch: right-padded prefill, per-row positions after
+    uncached = generate(model, prompts, 20, use_cache=False)  # each prompt alone, whole sequence every step
+    assert batched == uncached and all(len(c) == 20 for c in batched)
+    assert [generate(model, p, 20)[0] for p in prompts] == uncached  # each prompt alone, cached
     # Stops at EOS; sampling is reproducible from the seed.
-    first = cached[0][3]
-    assert generate(model, prompts[0], 20, eos_token_id=first)[0] == cached[0][:4]
+    first = batched[0][3]
+    assert generate(model, prompts[0], 20, eos_token_id=first)[0] == batched[0][:4]
     s1 = generate(model, prompts[0], 10, temperature=0.9, top_k=20, top_p=0.9, seed=3)
     assert s1 == generate(model, prompts[0], 10, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+
+
+def test_batched_generation_stops_each_row_at_its_own_eos():
+    model = _tiny_model()
+    prompts = [[5, 17, 3, 88, 40, 41], [9, 60], [1, 2, 3]]
+    full = generate(model, prompts, 16)
+    eos = full[1][2]  # row 1 stops at its third token; the others at their first eos, if any
+    seen = []
+    out = generate(model, prompts, 16, eos_token_id=eos, on_token=lambda i, t: seen.append((i, t)))
+    for row, ref in zip(out, full):
+        assert row == (ref[:ref.index(eos) + 1] if eos in ref else ref)
+    assert out == [generate(model, p, 16, eos_token_id=eos)[0] for p in prompts]
+    assert sorted(seen) == sorted((i, t) for i, row in enumerate(out) for t in row)
+
+
+def test_per_row_cache_positions_equal_separate_forwards():
+    """model(..., cache_pos=<int32 (B,)>) == running each row alone at its own position."""
+    model = _tiny_model(num_key_value_heads=1)  # GQA through the cache too
+    lens = [3, 7, 0]
+    prefix = torch.randint(0, 97, (3, 7))
+    step = torch.randint(0, 97, (3, 2))
+    with torch.no_grad():
+        caches = model.new_caches(3, 12)
+        model(prefix, caches=caches, cache_pos=0)  # rows overwrite their tail beyond lens[b] below
+        pos = torch.tensor(lens, dtype=torch.int32)
+        batched = model(step, caches=caches, cache_pos=pos).logits
+        for b, n in enumerate(lens):
+            alone = model(torch.cat([prefix[b:b + 1, :n], step[b:b + 1]], 1)).logits[:, n:]
+            torch.testing.assert_close(batched[b:b + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_and_cache_bad_input():
+    model = _tiny_model(layers=1)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [1, 2], -1)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate(model, [], 4)
+    caches = model.new_caches(2, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match="int32 tensor of shape"):
+        model(torch.zeros(2, 1, dtype=torch.long), caches=caches, cache_pos=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="needs caches"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache_pos=torch.tensor([1, 2], dtype=torch.int32))
+    with torch.no_grad(), pytest.raises(ValueError, match="cache_len = 8"):
+        model(torch.zeros(2, 2, dtype=torch.long), caches=caches, cache_pos=torch.tensor([1, 7], dtype=torch.int32))
+
+
+def test_model_trains_under_torch_compile():
+    """fullgraph torch.compile (aot_eager: the custom ops' fake and autograd registrations) gives
+    the eager loss and gradients, with logits and with the fused loss."""
+    model = _tiny_model().train()
+    x = torch.randint(0, 97, (2, 24))
+    for return_logits in (True, False):
+        loss = model(x, labels=x, return_logits=return_logits).loss
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        closs = compiled(x, labels=x, return_logits=return_logits).loss
+        cgrads = torch.autograd.grad(closs, list(model.parameters()))
+        torch.testing.assert_close(closs, loss)
+        for g, cg in zip(grads, cgrads):
+            torch.testing.assert_close(cg, g, atol=1e-6, rtol=1e-5)
 
 
 def test_sampling_filters():
