@@ -339,7 +339,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
         if not 0 <= lens <= cache_len - new:
             raise ValueError(f"cache_seqlens ({lens}) + seqlen_new ({new}) must be in [0, cache_len = {cache_len}]")
     elif not torch.compiler.is_compiling():
-        lo, hi = (int(lens.min()), int(lens.max())) if batch else (0, 0)
+        vals = lens.tolist()  # one small read-back
+        lo, hi = (min(vals), max(vals)) if batch else (0, 0)
         if lo < 0 or hi + new > cache_len:
             raise ValueError(f"cache_seqlens + seqlen_new must be in [0, cache_len = {cache_len}], got "
                              f"cache_seqlens in [{lo}, {hi}] and seqlen_new {new}")

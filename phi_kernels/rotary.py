@@ -117,6 +117,15 @@ def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens) -> No
             raise ValueError(f"cos/sin have {seqlen_ro} rows but seqlen + seqlen_offsets needs {need}; "
                              "build a longer cache with rotary_cos_sin")
         return
+    if cu_seqlens is None:  # dense with per-row offsets (batched decoding): one small read-back
+        offs = seqlen_offsets.tolist()
+        if min(offs, default=0) < 0:
+            raise ValueError(f"seqlen_offsets must be non-negative, got {offs}")
+        need = max(offs) + seqlen if batch and seqlen else 0
+        if need > seqlen_ro:
+            raise ValueError(f"cos/sin have {seqlen_ro} rows but seqlen + seqlen_offsets needs {need}; "
+                             "build a longer cache with rotary_cos_sin")
+        return
     if cu_seqlens is not None:
         cu = cu_seqlens.cpu().long()
         lengths = cu[1:] - cu[:-1]

@@ -296,6 +296,8 @@ def _bad_cases():
         ("max_seqlen missing", lambda: apply_rotary(packed, cos, sin, cu_seqlens=cu), "max_seqlen must be"),
         ("max_seqlen too small", lambda: apply_rotary(packed, cos, sin, cu_seqlens=cu, max_seqlen=3), "max_seqlen=3"),
         ("negative offset", lambda: apply_rotary(x, cos, sin, seqlen_offsets=-1), "seqlen_offsets must be"),
+        ("negative tensor offset", lambda: apply_rotary(x, cos, sin, seqlen_offsets=torch.tensor([0, -1])),
+         "seqlen_offsets must be non-negative"),
         ("offsets shape", lambda: apply_rotary(x, cos, sin, seqlen_offsets=torch.tensor([1, 2, 3])), r"shape \(batch,\)"),
         ("head_dim strided", lambda: apply_rotary(x[..., ::2], cos[:, :8], sin[:, :8]), "contiguous in its last dim"),
         ("qkv shape", lambda: apply_rotary_qkv(x, cos, sin), "qkv must be"),
