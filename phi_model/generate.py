@@ -19,9 +19,10 @@ from phi_model.model import PhiForCausalLM
 
 
 def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> Tensor:
+                generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
     """Next token ids (B,) from logits (B, V): greedy at temperature 0, else sampled after
-    top-k and nucleus (top-p) filtering."""
+    top-k and nucleus (top-p) filtering. generator: one for the batch, or one per row (a row's
+    draws then do not depend on the other rows)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -34,6 +35,8 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -67,7 +70,9 @@ def _decode(model: PhiForCausalLM, prompts: list[list[int]], max_new_tokens: int
         ids[i, :lens[i]] = torch.as_tensor(p, dtype=torch.long)
     if not use_cache and b > 1:
         raise ValueError("use_cache=False decodes one prompt at a time")
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    # One generator per prompt, all from the seed: a prompt samples the same tokens alone or in a
+    # batch (up to the batch's rounding differences in the logits).
+    gen = [torch.Generator(device=device).manual_seed(seed) for _ in prompts] if seed is not None else None
     last = torch.tensor(lens, device=device) - 1
     rows = torch.arange(b, device=device)
     caches = model.new_caches(b, longest + max_new_tokens) if use_cache else None

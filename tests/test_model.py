@@ -165,6 +165,10 @@ def test_cached_generation_equals_uncached_greedy():
     assert generate(model, prompts[0], 20, eos_token_id=first)[0] == batched[0][:4]
     s1 = generate(model, prompts[0], 10, temperature=0.9, top_k=20, top_p=0.9, seed=3)
     assert s1 == generate(model, prompts[0], 10, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+    # Each prompt has its own generator: sampled alone or in a batch, the same tokens.
+    sampled = generate(model, prompts, 10, temperature=0.9, seed=5)
+    assert sampled == [generate(model, p, 10, temperature=0.9, seed=5)[0] for p in prompts]
+    assert sampled[0] != generate(model, prompts[0], 10, temperature=0.9, seed=6)[0]
 
 
 def test_batched_generation_stops_each_row_at_its_own_eos():
