@@ -135,14 +135,14 @@ def _empty_lse(q: Tensor, varlen: bool) -> Tensor:
 
 
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-                  seqused_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-                  softcap: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
+                  seqused_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                  window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
     varlen = cu_seqlens_q is not None
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = _empty_lse(q, varlen)
     if backend in ("cuda", "cpu"):  # causal is carried by the window: window_right == 0
-        torch.ops.phi_kernels.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                                             softmax_scale, window_left, window_right, softcap, dropout_p, seed,
+        torch.ops.phi_kernels.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                             max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p, seed,
                                              out, lse)
     else:
         from phi_kernels.triton.flash_attn_fwd import flash_attn_fwd_triton
@@ -215,7 +215,9 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
-               deterministic, return_attn_probs, backend):
+               deterministic, return_attn_probs, backend, seqused_k=None):
+    """Validation, backend choice and the call, for every public entry point. seqused_k
+    (flash_attn_with_kvcache only, no gradients): sequence b uses its first seqused_k[b] keys."""
     _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     wl, wr = _window(causal, window_size)
@@ -229,14 +231,15 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
         max_q, max_k = q.shape[1], k.shape[1]
     if name == "ref":  # plain PyTorch: autograd differentiates it directly
         out, lse = flash_attn_ref(q, k, v, softmax_scale=float(scale), window_size=(wl, wr), softcap=float(softcap),
-                                  dropout_p=float(dropout_p), seed=seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+                                  dropout_p=float(dropout_p), seed=seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                  seqused_k=seqused_k)
         return (out, lse, None) if return_attn_probs else out
     # Without autograd or tracing (decoding, evaluation) the kernels are called directly: the
     # custom op's dispatch costs more than a decoding step's attention on a small model.
     needs_op = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     fwd = _forward if needs_op or torch.compiler.is_compiling() else _forward_impl
-    out, lse = fwd(q, k, v, cu_q, cu_k, None, max_q, max_k, float(scale), wl, wr, float(softcap), float(dropout_p), seed,
-                   name)
+    out, lse = fwd(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, float(scale), wl, wr, float(softcap),
+                   float(dropout_p), seed, name)
     # The triton and cpu backwards are deterministic (no atomics); cuda is excluded above when asked.
     return (out, lse, None) if return_attn_probs else out
 
@@ -354,21 +357,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
             k_cache[rows, cols] = k
             v_cache[rows, cols] = v
     if isinstance(lens, int):  # every row alike: plain attention over the filled prefix
-        out, lse, _ = flash_attn_func(q, k_cache[:, :lens + new], v_cache[:, :lens + new], 0.0, softmax_scale,
-                                      causal, window_size, softcap, False, True, backend=backend)
-        return (out, lse) if return_softmax_lse else out
-    used = lens + new if new else lens
-    _check(q, k_cache, v_cache, None, None, None, None, 0.0, window_size, softcap, softmax_scale)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    wl, wr = _window(causal, window_size)
-    name = resolve_backend("flash_attn", q.device, backend, supported=("cuda", "triton", "cpu", "ref"),
-                           why_not=lambda n: (_why_not_cuda(q, k_cache, v_cache, False) if n == "cuda"
-                                              else _why_not_cpu() if n == "cpu" else None))
-    if name == "ref":
-        out, lse = flash_attn_ref(q, k_cache, v_cache, softmax_scale=float(scale), window_size=(wl, wr),
-                                  softcap=float(softcap), seqused_k=used)
+        k_cache, v_cache, used = k_cache[:, :lens + new], v_cache[:, :lens + new], None
     else:
-        fwd = _forward if torch.compiler.is_compiling() else _forward_impl
-        out, lse = fwd(q, k_cache, v_cache, None, None, used, q.shape[1], cache_len, float(scale), wl, wr,
-                       float(softcap), 0.0, 0, name)
+        used = lens + new if new else lens
+    out, lse, _ = _attention(q, k_cache, v_cache, None, None, None, None, 0.0, softmax_scale, causal, window_size,
+                             softcap, False, True, backend, seqused_k=used)
     return (out, lse) if return_softmax_lse else out

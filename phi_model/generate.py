@@ -68,8 +68,6 @@ def _decode(model: PhiForCausalLM, prompts: list[list[int]], max_new_tokens: int
     ids = torch.zeros(b, longest, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, :lens[i]] = torch.as_tensor(p, dtype=torch.long)
-    if not use_cache and b > 1:
-        raise ValueError("use_cache=False decodes one prompt at a time")
     # One generator per prompt, all from the seed: a prompt samples the same tokens alone or in a
     # batch (up to the batch's rounding differences in the logits).
     gen = [torch.Generator(device=device).manual_seed(seed) for _ in prompts] if seed is not None else None

@@ -35,14 +35,6 @@ class KVCache(nn.Module):
                              persistent=False)
         self.register_buffer("v", torch.zeros_like(self.k), persistent=False)
 
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = start + k.shape[1]
-        if end > self.k.shape[1]:
-            raise ValueError(f"KV cache holds {self.k.shape[1]} positions; {end} needed")
-        self.k[:, start:end] = k
-        self.v[:, start:end] = v
-        return self.k[:, :end], self.v[:, :end]
-
 
 def document_cu_seqlens(input_ids: Tensor, eos_token_id: int) -> tuple[Tensor, int]:
     """cu_seqlens (int32) splitting the flattened (B*T) tokens into documents: a new document
@@ -83,14 +75,12 @@ class PhiAttention(nn.Module):
         else:
             q = phi_kernels.apply_rotary(q, cos, sin, seqlen_offsets=cache_pos)
             k = phi_kernels.apply_rotary(k, cos, sin, seqlen_offsets=cache_pos)
-            if cache is not None and isinstance(cache_pos, Tensor):
-                # Rows at different positions: each writes its keys at its own offset and attends to
-                # its own filled prefix (the kernels' seqused_k), bottom-right causal.
+            if cache is not None:
+                # Decoding: k/v go into the cache at cache_pos (per row when a tensor), and each row
+                # attends to its own filled prefix, bottom-right causal.
                 y = phi_kernels.flash_attn_with_kvcache(q, cache.k, cache.v, k, v, cache_seqlens=cache_pos,
                                                         causal=True)
             else:
-                if cache is not None:  # decoding: attend to everything cached so far (bottom-right causal)
-                    k, v = cache.update(cache_pos, k, v)
                 y = phi_kernels.flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
         return self.dense(y.reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
 
