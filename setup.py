@@ -3,15 +3,20 @@
     pip install --no-build-isolation -e .
 
 What gets built:
-  * every csrc/**/*.cpp file (op schemas, bindings, CPU kernels): always;
-  * every csrc/**/*.cu file (CUDA kernels): whenever torch is a CUDA build and a CUDA
-    toolkit is found, even when no GPU is visible (CI compiles for sm_80 and sm_90a).
+  * phi_kernels._C from every csrc/**/*.cpp file outside csrc/simt and csrc/tests (op schemas,
+    bindings, CPU kernels): always;
+  * ... plus every csrc/**/*.cu file (CUDA kernels): whenever torch is a CUDA build and a CUDA
+    toolkit is found, even when no GPU is visible (CI compiles for sm_80 and sm_90a);
+  * phi_kernels._simt from csrc/simt/*.cpp: the same CUDA kernels and CUDA host glue compiled
+    as host C++ for the SIMT emulator (the "cuda-emu" backend, CPU tensors), whenever a CUDA
+    toolkit's headers are found (cuda_fp16.h / cuda_bf16.h; no GPU, nvcc or CUDA torch needed).
 
 Environment knobs (all optional):
   CUDA_HOME               the CUDA toolkit; found by itself when unset (see _find_cuda_home)
   TORCH_CUDA_ARCH_LIST    archs to compile for; default "8.0;9.0a" when no GPU is visible
   MAX_JOBS                parallel compile jobs (ninja)
   PHI_KERNELS_CUDA=0      skip the CUDA sources (CPU kernels only; a fast build for development)
+  PHI_KERNELS_SIMT=0      skip the SIMT emulator (phi_kernels._simt)
   PHI_KERNELS_CPU_ARCH    -march for the CPU kernels, default "native" (the build machine's ISA)
 """
 import glob
@@ -113,8 +118,9 @@ with_cuda = _want_cuda(cuda_home)
 cpp_sources = sorted(
     os.path.relpath(p, ROOT)
     for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
-    if os.sep + "tests" + os.sep not in p
+    if os.sep + "tests" + os.sep not in p and os.sep + "simt" + os.sep not in p
 )
+simt_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "simt", "*.cpp")))
 cu_sources = sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
 )
@@ -163,12 +169,32 @@ else:
         extra_link_args=["-fopenmp"],
     )
 
+ext_modules = [ext]
+if cuda_home is not None and os.environ.get("PHI_KERNELS_SIMT", "1") != "0":
+    # The CUDA kernels and their host glue as host C++ (PHI_SIMT): see csrc/simt/runtime.cpp.
+    # Hidden visibility keeps its copies of the glue's inline functions and kernel templates
+    # from binding to phi_kernels._C's, which are built from the same sources.
+    ext_modules.append(
+        CppExtension(
+            "phi_kernels._simt",
+            simt_sources,
+            include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(cuda_home, "include")],
+            define_macros=[("PHI_SIMT", None)],
+            extra_compile_args={"cxx": ["-O2", "-std=c++20", "-fopenmp", "-fvisibility=hidden",
+                                        "-fvisibility-inlines-hidden", "-fno-strict-aliasing",
+                                        "-fno-math-errno", "-Wno-unused-function"]},
+            extra_link_args=["-fopenmp"],
+        )
+    )
+else:
+    print("phi_kernels: no CUDA toolkit headers (or PHI_KERNELS_SIMT=0): not building the SIMT emulator")
+
 setup(
     name="phi-kernels",
     version="0.1.0",
     description="phi-1.5 training on hand-written CUDA, Triton and CPU kernels",
     packages=find_packages(include=["phi_kernels*", "phi_model*", "train*", "benchmarks*"]),
     python_requires=">=3.10",
-    ext_modules=[ext],
+    ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension},
 )

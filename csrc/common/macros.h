@@ -9,6 +9,18 @@
 #define PHI_DEVICE inline
 #endif
 
+// PHI_LDG(ptr): a load from global memory in code shared by the CPU and CUDA kernels (the
+// params structs' cu_seqlens / offsets arrays). A plain dereference, except in the SIMT emulator
+// build, where every global access is checked against the tensors of the launch.
+#ifdef PHI_SIMT
+namespace phi::simt {
+const void* checked_global(const void* p, unsigned long bytes, bool write);
+}
+#define PHI_LDG(ptr) (*static_cast<decltype(ptr)>(::phi::simt::checked_global((ptr), sizeof(*(ptr)), false)))
+#else
+#define PHI_LDG(ptr) (*(ptr))
+#endif
+
 namespace phi {
 
 // Scalar types the kernels are instantiated for. The ids match the order used by the

@@ -67,12 +67,12 @@ struct Flash_seq {
   PHI_HOST_DEVICE static Flash_seq of(const Flash_params& p, int b) {
     Flash_seq s{p.seqlen_q, p.seqlen_k, 0, 0};
     if (p.is_varlen()) {
-      s.q_row0 = p.cu_seqlens_q[b];
-      s.k_row0 = p.cu_seqlens_k[b];
-      s.seqlen_q = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-      s.seqlen_k = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+      s.q_row0 = PHI_LDG(p.cu_seqlens_q + b);
+      s.k_row0 = PHI_LDG(p.cu_seqlens_k + b);
+      s.seqlen_q = PHI_LDG(p.cu_seqlens_q + b + 1) - int(s.q_row0);
+      s.seqlen_k = PHI_LDG(p.cu_seqlens_k + b + 1) - int(s.k_row0);
     }
-    if (p.seqused_k != nullptr) s.seqlen_k = p.seqused_k[b];  // the masks align to the used keys
+    if (p.seqused_k != nullptr) s.seqlen_k = PHI_LDG(p.seqused_k + b);  // the masks align to the used keys
     return s;
   }
 

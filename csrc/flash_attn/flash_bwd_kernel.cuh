@@ -91,8 +91,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const Flash_par
     for (int half = 0; half < 2; ++half) {
       const int row = wrow0 + acc_row(lane, 2 * half);
       const bool row_ok = row < seq.seqlen_q;
-      const float lse = row_ok ? p.lse[seq.lse_index(p, b, h, row)] : kInf;
-      const float d_row = row_ok ? p.d_rows[seq.lse_index(p, b, h, row)] : 0.f;
+      const float lse = row_ok ? ld_global(p.lse + seq.lse_index(p, b, h, row)) : kInf;
+      const float d_row = row_ok ? ld_global(p.d_rows + seq.lse_index(p, b, h, row)) : 0.f;
       const uint32_t hash = p.dropout.enabled() ? p.dropout.row_hash(bh, uint32_t(row)) : 0u;
       #pragma unroll
       for (int nt = 0; nt < kNTs; ++nt) {
@@ -131,7 +131,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const Flash_par
       for (int e = 0; e < 4; ++e) {
         const int row = wrow0 + acc_row(lane, e);
         if (row < seq.seqlen_q) {
-          atomicAdd(dq_acc + int64_t(row) * dq_acc_row_stride + wn * (D / 2) + dt * 8 + acc_col(lane, e), acc_dq[dt][e]);
+          atomic_add_global(dq_acc + int64_t(row) * dq_acc_row_stride + wn * (D / 2) + dt * 8 + acc_col(lane, e),
+                            acc_dq[dt][e]);
         }
       }
     }
@@ -148,10 +149,10 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const Flash_par
     #pragma unroll
     for (int dt = 0; dt < kNTd; ++dt) {
       const int col = wn * (D / 2) + dt * 8 + acc_col(lane, 0);
-      *reinterpret_cast<uint32_t*>(dk + int64_t(key) * p.dk_row_stride + col) =
-          pack2<T>(acc_dk[dt][2 * half], acc_dk[dt][2 * half + 1]);
-      *reinterpret_cast<uint32_t*>(dv + int64_t(key) * p.dv_row_stride + col) =
-          pack2<T>(acc_dv[dt][2 * half], acc_dv[dt][2 * half + 1]);
+      st_global(reinterpret_cast<uint32_t*>(dk + int64_t(key) * p.dk_row_stride + col),
+                pack2<T>(acc_dk[dt][2 * half], acc_dk[dt][2 * half + 1]));
+      st_global(reinterpret_cast<uint32_t*>(dv + int64_t(key) * p.dv_row_stride + col),
+                pack2<T>(acc_dv[dt][2 * half], acc_dv[dt][2 * half + 1]));
     }
   }
 }

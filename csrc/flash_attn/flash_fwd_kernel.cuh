@@ -129,9 +129,9 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const Flash_par
       #pragma unroll
       for (int dt = 0; dt < kNTo; ++dt) {
         const int col = dt * 8 + acc_col(lane, 0);
-        *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(acc_o[dt][2 * half] * inv, acc_o[dt][2 * half + 1] * inv);
+        st_global(reinterpret_cast<uint32_t*>(dst + col), pack2<T>(acc_o[dt][2 * half] * inv, acc_o[dt][2 * half + 1] * inv));
       }
-      if ((lane & 3) == 0) p.lse[seq.lse_index(p, b, h, row)] = st.lse();
+      if ((lane & 3) == 0) st_global(p.lse + seq.lse_index(p, b, h, row), st.lse());
     }
   }
 }

@@ -1,61 +1,15 @@
-// sm_80 building blocks of the CUDA flash attention kernels: cp.async tile loads into
-// swizzled shared memory, ldmatrix, mma.sync.m16n8k16 (fp16 / bf16 in, fp32 accumulate) and
-// a warp-level GEMM over shared-memory tiles. Addresses come from fragment_layout.h, the
-// index functions the host test checks against an emulation of these instructions.
+// Warp-level building blocks of the CUDA flash attention kernels, written against the
+// instruction wrappers of common/ptx.cuh (cp.async, ldmatrix, mma.sync.m16n8k16, st.shared):
+// cp.async tile loads into swizzled shared memory and warp GEMMs over shared-memory tiles or
+// register fragments. Addresses come from fragment_layout.h. The same code runs under nvcc and
+// in the SIMT emulator (csrc/simt), which swaps only the wrappers.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 
+#include "common/ptx.cuh"
 #include "flash_attn/fragment_layout.h"
 
 namespace phi::flash {
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy that bypasses L1; zero-fills when !valid (rows past the end
-// of a sequence), so padded rows are 0 and never NaN garbage.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                          uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Two fp32 values as one register of two 16-bit values, `lo` in the low half (element order
 // of the mma fragments).
@@ -91,7 +45,7 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* gmem, int64_t 
 // Writes a 16-bit value pair into a swizzled [kRows][kCols] shared tile at (row, col), col even.
 template <int kCols, typename T>
 __device__ __forceinline__ void store_pair(T* tile, int row, int col, uint32_t pair) {
-  *reinterpret_cast<uint32_t*>(tile + Swizzled<kCols>::offset(row, col)) = pair;
+  st_shared_b32(smem_addr(tile + Swizzled<kCols>::offset(row, col)), pair);
 }
 
 // acc[kNT][4] += A (16 rows from a_row0, depth kK) x B (depth kK, 8 * kNT columns from

@@ -57,8 +57,8 @@ PHI_HOST_DEVICE void rotary_rotate(float x0, float x1, float c, float s, bool co
 // Sequence start row and length of sequence b (padded or packed layout).
 PHI_HOST_DEVICE void rotary_seq_bounds(const Rotary_params& p, int b, int64_t& start, int& len) {
   if (p.is_varlen) {
-    start = p.cu_seqlens[b];
-    len = p.cu_seqlens[b + 1] - p.cu_seqlens[b];
+    start = PHI_LDG(p.cu_seqlens + b);
+    len = PHI_LDG(p.cu_seqlens + b + 1) - int(start);
   } else {
     start = 0;
     len = p.seqlen;
@@ -66,7 +66,7 @@ PHI_HOST_DEVICE void rotary_seq_bounds(const Rotary_params& p, int b, int64_t& s
 }
 
 PHI_HOST_DEVICE int rotary_offset(const Rotary_params& p, int b) {
-  return p.seqlen_offsets != nullptr ? p.seqlen_offsets[b] : p.seqlen_offset;
+  return p.seqlen_offsets != nullptr ? PHI_LDG(p.seqlen_offsets + b) : p.seqlen_offset;
 }
 
 // Element offsets of token t of sequence b (row in the packed layout is start + t).

@@ -1,63 +1,21 @@
-// Rotary embedding, CUDA kernel. Contract and math: rotary.h (shared with the CPU kernel).
-//
-// Grid: (ceil(seqlen / kTokensPerBlock), batch). Block: (32, kTokensPerBlock): one warp per
-// token; its lanes walk that token's work items, heads x (rotary pairs + pass-through dims),
-// so the pass-through copy happens in the same launch. The op is memory bound: one read and
-// one write of every element of x, plus the cos/sin row (cached in L1/L2, shared by heads).
-#include <cuda_runtime.h>
-
-#include "common/cuda_types.cuh"
-#include "rotary/rotary.h"
+// Rotary embedding, CUDA launch (the kernel: rotary_kernel.cuh). The SIMT emulator compiles
+// this same file as host C++ (csrc/simt/rotary_emu.cpp): only launch_kernel differs.
+#include "common/cuda_runtime.cuh"
+#include "rotary/rotary_kernel.cuh"
 #include "rotary/rotary_launch.h"
 
 namespace phi {
 
-constexpr int kTokensPerBlock = 8;
-
-template <typename T>
-__global__ void __launch_bounds__(32 * kTokensPerBlock) rotary_kernel(const Rotary_params p) {
-  const int b = blockIdx.y;
-  const int t = blockIdx.x * kTokensPerBlock + threadIdx.y;
-  int64_t start;
-  int len;
-  rotary_seq_bounds(p, b, start, len);
-  if (t >= len) return;
-  const int64_t pos = int64_t(t) + rotary_offset(p, b);
-  const int half = p.rotary_dim / 2;
-  const T* __restrict__ cos = static_cast<const T*>(p.cos_ptr) + pos * half;
-  const T* __restrict__ sin = static_cast<const T*>(p.sin_ptr) + pos * half;
-  const T* x = static_cast<const T*>(p.x_ptr) + rotary_x_offset(p, b, start + t);
-  T* out = static_cast<T*>(p.out_ptr) + rotary_out_offset(p, b, start + t);
-  const int n_pass = p.inplace ? 0 : p.head_dim - p.rotary_dim;
-  const int per_head = half + n_pass;
-  for (int j = threadIdx.x; j < p.nheads * per_head; j += 32) {
-    const int h = j / per_head;
-    const int k = j - h * per_head;
-    const T* xh = x + h * p.x_head_stride;
-    T* oh = out + h * p.out_head_stride;
-    if (k < half) {
-      int i0, i1;
-      rotary_pair_index(k, p.rotary_dim, p.interleaved, i0, i1);
-      float o0, o1;
-      rotary_rotate(to_float(xh[i0]), to_float(xh[i1]), to_float(cos[k]), to_float(sin[k]),
-                    p.conjugate, o0, o1);
-      oh[i0] = from_float<T>(o0);
-      oh[i1] = from_float<T>(o1);
-    } else {
-      const int d = p.rotary_dim + (k - half);
-      oh[d] = xh[d];
-    }
-  }
-}
-
 void rotary_cuda(const Rotary_params& p, void* stream) {
-  const dim3 grid((p.seqlen + kTokensPerBlock - 1) / kTokensPerBlock, p.batch);
-  const dim3 block(32, kTokensPerBlock);
+  const dim3 grid((p.seqlen + kRotaryTokensPerBlock - 1) / kRotaryTokensPerBlock, p.batch);
+  const dim3 block(32, kRotaryTokensPerBlock);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case DType::kFloat32: rotary_kernel<float><<<grid, block, 0, s>>>(p); break;
-    case DType::kFloat16: rotary_kernel<__half><<<grid, block, 0, s>>>(p); break;
-    case DType::kBFloat16: rotary_kernel<__nv_bfloat16><<<grid, block, 0, s>>>(p); break;
+    case DType::kFloat32: launch_kernel("rotary_kernel<float>", rotary_kernel<float>, grid, block, 0, s, p); break;
+    case DType::kFloat16: launch_kernel("rotary_kernel<half>", rotary_kernel<__half>, grid, block, 0, s, p); break;
+    case DType::kBFloat16:
+      launch_kernel("rotary_kernel<bfloat16>", rotary_kernel<__nv_bfloat16>, grid, block, 0, s, p);
+      break;
   }
 }
 

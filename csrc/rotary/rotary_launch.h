@@ -6,9 +6,8 @@ namespace phi {
 
 void rotary_cpu(const Rotary_params& params);
 
-#ifdef PHI_WITH_CUDA
-// `stream` is a cudaStream_t; kept as void* so this header needs no CUDA headers.
+// CUDA kernel (rotary_cuda.cu; also built into the SIMT emulator). `stream` is a cudaStream_t,
+// kept as void* so this header needs no CUDA headers.
 void rotary_cuda(const Rotary_params& params, void* stream);
-#endif
 
 }  // namespace phi

@@ -1,86 +1,24 @@
-// Tensor glue of phi_kernels::rotary_kernel (schema in csrc/ops.cpp): checks what the kernels
-// rely on (the Python API has already given friendlier errors), fills Rotary_params and
-// launches the CPU or CUDA kernel.
+// Tensor glue of phi_kernels::rotary_kernel for CPU tensors (schema in csrc/ops.cpp): checks
+// what the kernel relies on (the Python API has already given friendlier errors), fills
+// Rotary_params and runs the CPU kernel. The CUDA side is rotary_cuda_ops.cpp.
 #include <torch/library.h>
 
-#include "common/bind_utils.h"
+#include "rotary/rotary_bind.h"
 #include "rotary/rotary_launch.h"
 
 namespace phi {
 namespace {
 
-Rotary_params make_rotary_params(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                                 const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset,
-                                 const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
-                                 bool interleaved, bool conjugate, const at::Tensor& out) {
-  const bool is_varlen = cu_seqlens.has_value();
-  TORCH_CHECK(x.dim() == (is_varlen ? 3 : 4), "x must be ", is_varlen ? 3 : 4, "-D, got ", x.dim(), "-D");
-  TORCH_CHECK(out.sizes() == x.sizes(), "out must have the shape of x ", x.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == x.scalar_type() && cos.scalar_type() == x.scalar_type() &&
-                  sin.scalar_type() == x.scalar_type(),
-              "x, cos, sin and out must share a dtype");
-  PHI_CHECK_DEVICE(cos, x);
-  PHI_CHECK_DEVICE(sin, x);
-  PHI_CHECK_DEVICE(out, x);
-  TORCH_CHECK(x.stride(-1) == 1 && out.stride(-1) == 1, "x and out must be contiguous in head_dim");
-  TORCH_CHECK(cos.dim() == 2 && cos.is_contiguous() && sin.sizes() == cos.sizes() && sin.is_contiguous(),
-              "cos and sin must be contiguous (seqlen_ro, rotary_dim / 2) tensors");
-
-  Rotary_params p{};
-  p.x_ptr = x.data_ptr();
-  p.out_ptr = out.data_ptr();
-  p.cos_ptr = cos.data_ptr();
-  p.sin_ptr = sin.data_ptr();
-  p.dtype = to_phi_dtype(x, "x");
-  p.interleaved = interleaved;
-  p.conjugate = conjugate;
-  p.is_varlen = is_varlen;
-  p.inplace = x.data_ptr() == out.data_ptr();
-  p.head_dim = int(x.size(-1));
-  p.nheads = int(x.size(-2));
-  p.rotary_dim = int(cos.size(1)) * 2;
-  p.seqlen_ro = int(cos.size(0));
-  TORCH_CHECK(p.rotary_dim <= p.head_dim, "rotary_dim (2 * cos.size(1)) must be <= head_dim");
-  if (is_varlen) {
-    const at::Tensor& cu = *cu_seqlens;
-    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous() && cu.numel() >= 2,
-                "cu_seqlens must be a contiguous int32 tensor of shape (batch + 1,)");
-    PHI_CHECK_DEVICE(cu, x);
-    p.cu_seqlens = cu.data_ptr<int32_t>();
-    p.batch = int(cu.numel() - 1);
-    p.seqlen = int(max_seqlen);
-    p.x_batch_stride = p.out_batch_stride = 0;
-    p.x_row_stride = x.stride(0);
-    p.out_row_stride = out.stride(0);
-  } else {
-    p.batch = int(x.size(0));
-    p.seqlen = int(x.size(1));
-    p.x_batch_stride = x.stride(0);
-    p.out_batch_stride = out.stride(0);
-    p.x_row_stride = x.stride(1);
-    p.out_row_stride = out.stride(1);
-  }
-  p.x_head_stride = x.stride(-2);
-  p.out_head_stride = out.stride(-2);
-  p.seqlen_offset = int(seqlen_offset);
-  if (seqlen_offsets.has_value()) {
-    const at::Tensor& so = *seqlen_offsets;
-    TORCH_CHECK(so.scalar_type() == at::kInt && so.dim() == 1 && so.numel() == p.batch && so.is_contiguous(),
-                "seqlen_offsets must be a contiguous int32 tensor of shape (batch,)");
-    PHI_CHECK_DEVICE(so, x);
-    p.seqlen_offsets = so.data_ptr<int32_t>();
-  }
-  return p;
-}
-
-// The CPU kernel checks the positions it will read (cheap on the host); the CUDA path relies
-// on the Python API, which checks them before launching.
-void check_positions_cpu(const Rotary_params& p) {
+// The CPU kernel checks the rows and positions it will touch (cheap on the host); the CUDA path
+// relies on the Python API, which checks them before launching.
+void check_positions_cpu(const Rotary_params& p, int64_t rows) {
   for (int b = 0; b < p.batch; ++b) {
     int64_t start;
     int len;
     rotary_seq_bounds(p, b, start, len);
     TORCH_CHECK(len >= 0 && len <= p.seqlen, "cu_seqlens must be non-decreasing with lengths <= max_seqlen");
+    TORCH_CHECK(!p.is_varlen || (start >= 0 && start + len <= rows), "cu_seqlens must stay within the ", rows,
+                " rows of x, sequence ", b, " covers rows [", start, ", ", start + len, ")");
     const int64_t off = rotary_offset(p, b);
     TORCH_CHECK(off >= 0 && (len == 0 || off + len <= p.seqlen_ro), "sequence ", b, " needs cos/sin rows up to ",
                 off + len, " but cos has ", p.seqlen_ro);
@@ -93,30 +31,12 @@ void rotary_kernel_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Ten
                        bool conjugate, const at::Tensor& out) {
   Rotary_params p = make_rotary_params(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen,
                                        interleaved, conjugate, out);
-  check_positions_cpu(p);
+  check_positions_cpu(p, x.size(0));
   rotary_cpu(p);
 }
-
-#ifdef PHI_WITH_CUDA
-void rotary_kernel_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                        const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset,
-                        const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, bool interleaved,
-                        bool conjugate, const at::Tensor& out) {
-  Rotary_params p = make_rotary_params(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen,
-                                       interleaved, conjugate, out);
-  if (p.batch == 0 || p.seqlen == 0) return;
-  c10::cuda::CUDAGuard guard(x.device());
-  rotary_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-#endif
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(phi_kernels, CPU, m) { m.impl("rotary_kernel", &rotary_kernel_cpu); }
-
-#ifdef PHI_WITH_CUDA
-TORCH_LIBRARY_IMPL(phi_kernels, CUDA, m) { m.impl("rotary_kernel", &rotary_kernel_cuda); }
-#endif
 
 }  // namespace phi
