@@ -1,6 +1,7 @@
 """phi-kernels: phi-1.5's hot paths on hand-written CUDA C++, Triton and CPU C++ kernels.
 
-Every op has four backends (see phi_kernels._backends): "cuda", "triton", "cpu", "ref".
+Every op has five backends (see phi_kernels._backends): "cuda", "cuda-emu" (the CUDA kernels on
+CPU tensors under a SIMT emulator, for testing), "triton", "cpu", "ref".
 `available_backends()` tells which run here and why not.
 """
 from phi_kernels import _extension
@@ -20,7 +21,7 @@ from phi_kernels.flash_attn import (
 )
 from phi_kernels.rotary import apply_rotary, apply_rotary_qkv, rotary_cos_sin
 
-_extension.load_error()  # load the compiled ops now, if they were built
+_extension.load_error()  # load the compiled ops (phi_kernels._C, phi_kernels._simt) now, if they were built
 
 __all__ = [
     "BACKENDS",

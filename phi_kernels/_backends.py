@@ -1,12 +1,16 @@
 """Backend choice, shared by every op.
 
-Four backends implement each op behind one public function:
+Five backends implement each op behind one public function:
 
-    cuda    hand-written CUDA C++ kernels in phi_kernels._C        (CUDA tensors)
-    triton  Triton kernels in phi_kernels/triton/                   (CUDA tensors; CPU tensors
-            under TRITON_INTERPRET=1, the interpreter the tests use)
-    cpu     C++ kernels in phi_kernels._C                           (CPU tensors)
-    ref     pure PyTorch, the oracle the others are tested against  (any device)
+    cuda      hand-written CUDA C++ kernels in phi_kernels._C        (CUDA tensors)
+    cuda-emu  the same CUDA C++ kernels, compiled for the host and run by the SIMT emulator
+              (csrc/simt) in phi_kernels._simt                         (CPU tensors; slow, for
+              testing: it lets every CUDA test case run without a GPU. Never chosen
+              automatically, only when asked for)
+    triton    Triton kernels in phi_kernels/triton/                   (CUDA tensors; CPU tensors
+              under TRITON_INTERPRET=1, the interpreter the tests use)
+    cpu       C++ kernels in phi_kernels._C                           (CPU tensors)
+    ref       pure PyTorch, the oracle the others are tested against  (any device)
 
 Choice, in order: the op's `backend=` argument, then the PHI_KERNELS_BACKEND environment
 variable, then the fastest available for the tensors' device (cuda > triton > ref on a GPU,
@@ -24,9 +28,11 @@ import torch
 
 from phi_kernels import _extension
 
-BACKENDS = ("cuda", "triton", "cpu", "ref")
+BACKENDS = ("cuda", "cuda-emu", "triton", "cpu", "ref")
 ENV_VAR = "PHI_KERNELS_BACKEND"
-_AUTO_ORDER = {"cuda": ("cuda", "triton", "ref"), "cpu": ("cpu", "ref")}
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "ref"), "cpu": ("cpu", "ref")}  # never "cuda-emu": a testing tool
+_EMU_DESCRIPTION = ("CUDA C++ kernels of phi_kernels._C executed on CPU tensors by the SIMT emulator "
+                    "(csrc/simt); slow, for testing")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -40,7 +46,8 @@ class BackendStatus:
     reason: str  # what it runs on when available, why not otherwise
 
     def __str__(self) -> str:
-        return f"{self.name:7s} {'yes' if self.available else 'no ':3s}  {self.reason}"
+        width = max(map(len, BACKENDS))
+        return f"{self.name:{width}s} {'yes' if self.available else 'no ':3s}  {self.reason}"
 
 
 def triton_interpreting() -> bool:
@@ -67,7 +74,9 @@ def backend_status(name: str, device: torch.device | str | None = None) -> Backe
     """Whether backend `name` can run on tensors of `device` (default: this machine's best)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if device is None:  # describe this machine: GPU backends for GPU tensors if there is a GPU
+    # device None describes this machine: the GPU backends for GPU tensors if there is a GPU,
+    # cpu, cuda-emu and ref for CPU tensors.
+    if device is None:
         if name in ("cuda", "triton") and not torch.cuda.is_available():
             return _no_gpu_status(name)
         device = "cuda" if name in ("cuda", "triton") else "cpu"
@@ -79,6 +88,11 @@ def backend_status(name: str, device: torch.device | str | None = None) -> Backe
             return BackendStatus(name, False, f"runs on CPU tensors only, got {dev} tensors")
         err = _extension.load_error()
         return BackendStatus(name, err is None, err or "C++ kernels in phi_kernels._C")
+    if name == "cuda-emu":
+        if dev != "cpu":
+            return BackendStatus(name, False, f"runs on CPU tensors only, got {dev} tensors")
+        err = _extension.emu_load_error()
+        return BackendStatus(name, err is None, err or _EMU_DESCRIPTION)
     if name == "cuda":
         if dev != "cuda":
             return BackendStatus(name, False, f"runs on CUDA tensors only, got {dev} tensors")

@@ -1,4 +1,9 @@
-"""Loading phi_kernels._C, the compiled extension, and telling why it is not there.
+"""Loading the compiled extensions, and telling why they are not there.
+
+phi_kernels._C holds the ops of the "cuda" and "cpu" backends (torch.ops.phi_kernels.*).
+phi_kernels._simt holds the ops of the "cuda-emu" backend (torch.ops.phi_kernels_emu.*): the
+same CUDA C++ kernels compiled for the host and run on CPU tensors by the SIMT emulator
+(csrc/simt), with the same schemas as their phi_kernels counterparts.
 
 Everything is computed once at import, into plain module constants, so that backend choice
 inside a torch.compile'd function reads constants instead of tracing imports.
@@ -20,21 +25,36 @@ def _load() -> str | None:
     return None
 
 
-def _registered_kernels() -> frozenset[tuple[str, str]]:
-    """(op name, dispatch key) for every phi_kernels op the extension registered for CPU / CUDA."""
-    if LOAD_ERROR is not None:
+def _load_emu() -> str | None:
+    try:
+        importlib.import_module("phi_kernels._simt")
+    # Not only ImportError: the emulator is an optional testing tool, and a broken build of it
+    # (say, a registration that throws while the library loads) must not break the package.
+    except (ImportError, OSError, RuntimeError) as e:
+        return (f"the SIMT emulator extension phi_kernels._simt could not be imported ({e}); "
+                f"{_BUILD_HINT}")
+    return None
+
+
+def _registered_kernels(namespace: str, load_error: str | None,
+                        keys: tuple[str, ...] = ("CPU", "CUDA")) -> frozenset[tuple[str, str]]:
+    """(op name, dispatch key) for every `namespace` op an extension registered for `keys`."""
+    if load_error is not None:
         return frozenset()
     found = set()
+    prefix = namespace + "::"
     for qualname in torch._C._dispatch_get_all_op_names():
-        if qualname.startswith("phi_kernels::"):
-            for key in ("CPU", "CUDA"):
+        if qualname.startswith(prefix):
+            for key in keys:
                 if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
                     found.add((qualname.split("::", 1)[1].split(".")[0], key))
     return frozenset(found)
 
 
 LOAD_ERROR: str | None = _load()
-_KERNELS = _registered_kernels()
+_KERNELS = _registered_kernels("phi_kernels", LOAD_ERROR)
+EMU_LOAD_ERROR: str | None = _load_emu()
+_EMU_KERNELS = frozenset(op for op, _ in _registered_kernels("phi_kernels_emu", EMU_LOAD_ERROR, ("CPU",)))
 
 
 def load_error() -> str | None:
@@ -50,3 +70,13 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 def cuda_compiled() -> bool:
     """Whether the extension was built with its CUDA kernels (probed through the rotary op)."""
     return has_kernel("rotary_kernel", "CUDA")
+
+
+def emu_load_error() -> str | None:
+    """None when phi_kernels._simt (the SIMT emulator's ops) imported; otherwise why it did not."""
+    return EMU_LOAD_ERROR
+
+
+def emu_has_kernel(op: str) -> bool:
+    """Whether phi_kernels._simt registered `phi_kernels_emu::<op>` for CPU tensors."""
+    return op in _EMU_KERNELS

@@ -8,7 +8,9 @@ torch.optim.AdamW's state_dict format, so a state saved by one loads into the ot
 
 Kernels: csrc/adam/ (CUDA multi-tensor apply, CPU C++; the update functor adam.h is shared),
 phi_kernels/triton/adam.py (pointer tables), phi_kernels/reference/adam.py (the oracle).
-The C++ op is torch.ops.phi_kernels.adam_step (schema in csrc/ops.cpp).
+The C++ op is torch.ops.phi_kernels.adam_step (schema in csrc/ops.cpp); the "cuda-emu" backend
+calls its twin torch.ops.phi_kernels_emu.adam_step (phi_kernels._simt: the CUDA kernel run on
+CPU tensors by the SIMT emulator, for testing).
 
 Per group, parameters are bucketed by (device, dtype, master weights, step); each bucket is one
 call of the backend, which launches one kernel (or a few, as tables fill) for all its tensors.
@@ -56,7 +58,8 @@ class FusedAdam(torch.optim.Optimizer):
         the kernel and rounded into the param in the same pass.
       capturable: lr (may be a tensor) and step live on the params' device and nothing syncs
         with the host during step(), so a CUDA graph can capture it.
-      backend: "cuda", "triton", "cpu", "ref" (default: PHI_KERNELS_BACKEND, else the fastest).
+      backend: "cuda", "cuda-emu", "triton", "cpu", "ref" (default: PHI_KERNELS_BACKEND, else the
+        fastest; "cuda-emu" only when asked for).
 
     step(closure=None, *, grad_scale=None, found_inf=None): mixed-precision hooks. grad_scale
     (a one-element tensor, e.g. GradScaler's scale) divides the grads inside the kernel; when
@@ -212,14 +215,18 @@ class FusedAdam(torch.optim.Optimizer):
                 from phi_kernels.triton.adam import adam_step_triton
 
                 adam_step_triton(*args)
+            elif name == "cuda-emu":
+                torch.ops.phi_kernels_emu.adam_step(*args)
             else:
                 torch.ops.phi_kernels.adam_step(*args)
         return loss
 
     @staticmethod
     def _why_not(backend: str, group: dict) -> str | None:
+        # cuda-emu takes capturable: the emulated kernel reads lr / step / found_inf from
+        # tensors, as on the GPU.
         if group["capturable"] and backend in ("cpu",):
-            return "capturable needs device-side lr/step: use cuda, triton or ref"
+            return "capturable needs device-side lr/step: use cuda, cuda-emu, triton or ref"
         return None
 
     @staticmethod

@@ -16,15 +16,18 @@ reproducible and the forward and backward see the same mask. A row that sees no 
 
 Backends: "triton" (phi_kernels/triton/flash_attn_fwd.py, _bwd.py), "cuda" (csrc/flash_attn:
 head_dim 64/128, fp16/bf16, 16-byte aligned rows; its backward accumulates dq with atomics,
-so deterministic=True picks another backend), "cpu" (csrc/flash_attn/flash_attn_cpu.cpp: every
-option, deterministic) and "ref" (the oracle; it materialises the attention matrix and autograd
-differentiates it). The kernel backends are registered as torch.library custom ops
-phi_kernels::flash_attn_forward / flash_attn_backward with fake implementations and autograd,
-so torch.compile traces them; both call the C++ ops flash_attn_fwd / flash_attn_bwd of
-phi_kernels._C for "cuda" and "cpu".
+so deterministic=True picks another backend), "cuda-emu" (the same CUDA kernels run on CPU
+tensors by the SIMT emulator, with the same restrictions; slow, for testing, only when asked
+for), "cpu" (csrc/flash_attn/flash_attn_cpu.cpp: every option, deterministic) and "ref" (the
+oracle; it materialises the attention matrix and autograd differentiates it). The kernel
+backends are registered as torch.library custom ops phi_kernels::flash_attn_forward /
+flash_attn_backward with fake implementations and autograd, so torch.compile traces them; both
+call the C++ ops flash_attn_fwd / flash_attn_bwd of phi_kernels._C for "cuda" and "cpu", and
+their phi_kernels_emu twins (same schemas) of phi_kernels._simt for "cuda-emu".
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -104,8 +107,35 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
     return (left, 0) if causal else (left, right)
 
 
-def _why_not_cuda(q: Tensor, k: Tensor, v: Tensor, deterministic: bool) -> str | None:
-    if not _extension.has_kernel("flash_attn_fwd", "CUDA"):
+@functools.lru_cache(maxsize=None)
+def _plan_smem(head_dim: int, backward: bool) -> int:
+    """Dynamic shared memory per block of the CUDA kernel for head_dim (flash_plan.h, through
+    the host-side plan op; it depends only on the instantiation)."""
+    q = torch.empty(1, 64, 1, head_dim, dtype=torch.float16)
+    lse = torch.empty(1, 1, 64)
+    return int(torch.ops.phi_kernels.flash_attn_cuda_plan(q, q, q, None, None, 0, 0, q, lse, backward)[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_smem_optin(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def _smem_limit(device: torch.device, emulated: bool) -> int:
+    """Opt-in shared memory per block: of this GPU, or of the emulated arch (PHI_SIMT_ARCH)."""
+    if emulated:
+        return int(torch.ops.phi_kernels_emu.emu_max_dynamic_smem())
+    return _gpu_smem_optin(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _why_not_cuda(q: Tensor, k: Tensor, v: Tensor, deterministic: bool, emulated: bool = False,
+                  backward: bool = False) -> str | None:
+    """Why the CUDA kernels cannot run this call (None if they can). emulated: for "cuda-emu",
+    the same kernels under the SIMT emulator, which refuses exactly what they refuse."""
+    if emulated:
+        if not _extension.emu_has_kernel("flash_attn_fwd"):
+            return "phi_kernels._simt has no emulated flash attention kernels (rebuild it)"
+    elif not _extension.has_kernel("flash_attn_fwd", "CUDA"):
         return "phi_kernels._C has no CUDA flash attention kernels"
     if q.shape[-1] not in (64, 128):
         return f"head_dim {q.shape[-1]} (the CUDA kernels are compiled for 64 and 128)"
@@ -116,6 +146,15 @@ def _why_not_cuda(q: Tensor, k: Tensor, v: Tensor, deterministic: bool) -> str |
             return f"{name} rows are not 16-byte aligned (strides {t.stride()})"
     if deterministic:
         return "deterministic=True (the CUDA backward accumulates dq with atomics)"
+    # The sm_80 build also runs on sm_86 / sm_89 parts (99 KiB per block); checked eagerly only
+    # (under torch.compile the C++ launch check still refuses with the same reason).
+    if _extension.load_error() is None and not torch.compiler.is_compiling():
+        limit = _smem_limit(q.device, emulated)
+        for needed, what in ((_plan_smem(q.shape[-1], False), "forward"),
+                             (_plan_smem(q.shape[-1], True) if backward else 0, "backward")):
+            if needed > limit:
+                return (f"the head_dim {q.shape[-1]} {what} needs {needed} bytes of shared memory per block, "
+                        f"this {'emulated ' if emulated else ''}GPU allows {limit}")
     return None
 
 
@@ -126,6 +165,13 @@ def _why_not_cpu() -> str | None:
 
 
 # --------------------------------------------------------------------------- ops
+
+
+def _cpp_ops(backend: str):
+    """The namespace of the C++ ops behind a kernel backend: phi_kernels (phi_kernels._C) for
+    "cuda" and "cpu" (the op dispatches on the tensors' device), phi_kernels_emu
+    (phi_kernels._simt, same schemas) for "cuda-emu"."""
+    return torch.ops.phi_kernels_emu if backend == "cuda-emu" else torch.ops.phi_kernels
 
 
 def _empty_lse(q: Tensor, varlen: bool) -> Tensor:
@@ -140,10 +186,10 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, 
     varlen = cu_seqlens_q is not None
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = _empty_lse(q, varlen)
-    if backend in ("cuda", "cpu"):  # causal is carried by the window: window_right == 0
-        torch.ops.phi_kernels.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                                             max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p, seed,
-                                             out, lse)
+    if backend in ("cuda", "cuda-emu", "cpu"):  # causal is carried by the window: window_right == 0
+        _cpp_ops(backend).flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                         max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p, seed,
+                                         out, lse)
     else:
         from phi_kernels.triton.flash_attn_fwd import flash_attn_fwd_triton
 
@@ -170,10 +216,10 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    if backend in ("cuda", "cpu"):
-        torch.ops.phi_kernels.flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                             max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                                             dropout_p, seed, dq, dk, dv)
+    if backend in ("cuda", "cuda-emu", "cpu"):
+        _cpp_ops(backend).flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, softmax_scale, window_left, window_right, softcap,
+                                         dropout_p, seed, dq, dk, dv)
     else:
         from phi_kernels.triton.flash_attn_bwd import flash_attn_bwd_triton
 
@@ -221,9 +267,12 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
     _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     wl, wr = _window(causal, window_size)
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     name = resolve_backend("flash_attn", q.device, backend,
-                           supported=("cuda", "triton", "cpu", "ref"),
-                           why_not=lambda n: (_why_not_cuda(q, k, v, deterministic) if n == "cuda"
+                           supported=("cuda", "cuda-emu", "triton", "cpu", "ref"),
+                           why_not=lambda n: (_why_not_cuda(q, k, v, deterministic, emulated=n == "cuda-emu",
+                                                            backward=backward)
+                                              if n in ("cuda", "cuda-emu")
                                               else _why_not_cpu() if n == "cpu" else None))
     # The dropout seed comes from torch's default generator: torch.manual_seed reproduces it.
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
@@ -240,7 +289,8 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
     fwd = _forward if needs_op or torch.compiler.is_compiling() else _forward_impl
     out, lse = fwd(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, float(scale), wl, wr, float(softcap),
                    float(dropout_p), seed, name)
-    # The triton and cpu backwards are deterministic (no atomics); cuda is excluded above when asked.
+    # The triton and cpu backwards are deterministic (no atomics); cuda and cuda-emu are excluded
+    # above when asked.
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -1,12 +1,17 @@
 """Static GPU report: what the compiled kernels will use on an A100 / H100, without a GPU.
 
     python -m phi_kernels.inspect                 # CUDA kernels in phi_kernels._C + Triton AOT
-    python -m phi_kernels.inspect --json out.json
+    python -m phi_kernels.inspect --json out.json   #   + the emulator's execution counters
 
 Triton kernels are compiled ahead of time for sm_80 and sm_90 (phi_kernels/triton/aot.py) and
 read the same way. Each kernel with a known phi-1.5 workload also gets a roofline estimate:
-time >= max(FLOPs / tensor peak, bytes / memory bandwidth) on an A100 and an H100, from the
-published peaks in shared/ANCHORS.md. A prediction from first principles, not a measurement.
+time >= max(FLOPs / tensor peak, bytes / memory bandwidth) on an A100 and an H100, from
+NVIDIA's published peaks (A100 80GB: 312 TFLOP/s dense fp16/bf16, 2.04 TB/s; H100 SXM: 989
+TFLOP/s, 3.35 TB/s). A prediction from first principles, not a measurement.
+
+The CUDA kernels are also executed in the SIMT emulator (phi_kernels/emu_counters.py): barriers,
+tensor-core instructions, shared-memory bank conflicts and global coalescing per CTA, counted
+while the kernels' own code runs, shown beside the static figures.
 
 Reads the built extension with cuobjdump (shipped in Triton's wheel): registers, shared
 memory, stack and local memory (spills) per kernel per architecture, tensor-core instruction
@@ -153,7 +158,7 @@ def cuda_kernels(so_path: str | None = None) -> tuple[KernelResources, ...]:
     return tuple(sorted(kernels.values(), key=lambda k: (k.name, k.arch)))
 
 
-# Published peaks (shared/ANCHORS.md): dense fp16/bf16 tensor FLOP/s and memory bandwidth.
+# Published peaks (NVIDIA datasheets): dense fp16/bf16 tensor FLOP/s and memory bandwidth.
 PEAKS = {"A100 80GB": (312e12, 2.04e12), "H100 SXM": (989e12, 3.35e12)}
 
 # Workload of one call at phi-1.5 shapes, for CUDA kernels matched by name (Triton kernels carry
@@ -226,8 +231,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton AOT compilation")
+    ap.add_argument("--no-emulator", action="store_true", help="skip the SIMT emulator's execution counters")
+    ap.add_argument("--emu-seqlen", type=int, default=2048,
+                    help="attention seqlen of the emulated runs (default 2048, about 15 s on 2 cores)")
     args = ap.parse_args(argv)
-    report: dict[str, list] = {"cuda": [], "triton": []}
+    report: dict[str, list] = {"cuda": [], "triton": [], "emulator": []}
     print("# Static GPU report (cuobjdump on compiled code; roofline = max(FLOPs/peak, bytes/bandwidth); "
           "predictions, not measurements)\n")
     if extension_has_cuda():
@@ -236,6 +244,19 @@ def main(argv=None) -> int:
         print(format_table(kernels))
     else:
         print("phi_kernels._C has no CUDA kernels (built without CUDA): CUDA section skipped")
+    if not args.no_emulator:
+        from phi_kernels import emu_counters
+        from phi_kernels._extension import emu_load_error
+
+        print()
+        if emu_load_error() is None:
+            rows = emu_counters.measure(args.emu_seqlen)
+            report["emulator"] = [dataclasses.asdict(r) for r in rows]
+            print(f"CUDA kernels executed in the SIMT emulator (attention: one causal (sequence, head) at seqlen "
+                  f"{args.emu_seqlen}); counts, not timings\n")
+            print(emu_counters.format_table(rows))
+        else:
+            print(f"SIMT emulator unavailable ({emu_load_error()}): execution counters skipped")
     if not args.no_triton:
         results = triton_results_subprocess()
         report["triton"] = results

@@ -6,11 +6,13 @@
 
 The API follows flash-attention's `apply_rotary_emb`, so code can switch between the two.
 Kernels: csrc/rotary/ (CUDA and CPU C++, shared math in rotary.h), phi_kernels/triton/rotary.py;
-the oracle: phi_kernels/reference/rotary.py.
+the oracle: phi_kernels/reference/rotary.py. The "cuda-emu" backend runs the CUDA kernel on CPU
+tensors under the SIMT emulator (phi_kernels._simt), for testing.
 
 Registration: `phi_kernels::rotary` (functional, with autograd) and `phi_kernels::rotary_`
 (in-place) are torch.library custom ops with fake implementations, so torch.compile traces
-them; they launch the C++ op `phi_kernels::rotary_kernel` (csrc/ops.cpp) or the Triton kernel.
+them; they launch the C++ op `phi_kernels::rotary_kernel` (csrc/ops.cpp), its emulated twin
+`phi_kernels_emu::rotary_kernel` (same schema) or the Triton kernel.
 The backward of a rotation is the conjugate rotation (sin -> -sin) of the gradient.
 """
 from __future__ import annotations
@@ -157,6 +159,9 @@ def _launch(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, 
 
         rotary_triton(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved,
                       conjugate, out)
+    elif backend == "cuda-emu":  # the CUDA kernel under the SIMT emulator, on CPU tensors
+        torch.ops.phi_kernels_emu.rotary_kernel(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
+                                                max_seqlen, interleaved, conjugate, out)
     else:  # "cpu" or "cuda": the C++ op dispatches on the tensors' device
         torch.ops.phi_kernels.rotary_kernel(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
                                             max_seqlen, interleaved, conjugate, out)
@@ -248,8 +253,8 @@ def apply_rotary(
     inplace: write into x (and return it).
     seqlen_offsets: position of each sequence's first token: an int, or a (batch,) int tensor
        (KV-cache decoding). Token t uses row t + offset of cos/sin.
-    backend: "cuda", "triton", "cpu" or "ref" (default: PHI_KERNELS_BACKEND, else the fastest
-       available for x's device).
+    backend: "cuda", "cuda-emu", "triton", "cpu" or "ref" (default: PHI_KERNELS_BACKEND, else the
+       fastest available for x's device; "cuda-emu" only when asked for).
     Returns the rotated tensor; dims past rotary_dim are unchanged. Differentiable w.r.t. x.
     """
     _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved)

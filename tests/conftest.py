@@ -18,14 +18,29 @@ from phi_kernels import backend_status  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+KERNEL_BACKENDS = ("cuda", "cuda-emu", "triton", "cpu")
+
+# Backends that run the CUDA C++ kernels, natively or under the SIMT emulator (phi_kernels._simt,
+# on CPU tensors): they share the kernels' restrictions (flash attention: fp16/bf16, head_dim
+# 64/128), so a test special-cases them together and every CUDA case also runs without a GPU.
+CUDA_KERNELS = ("cuda", "cuda-emu")
+
+
 def kernel_backends(device: str = DEVICE) -> list:
-    """Non-reference backends as pytest params, the unavailable ones skipped with the reason."""
+    """Non-reference backends as pytest params, the unavailable ones skipped with the reason.
+    cuda-emu runs on CPU tensors only: on a GPU machine (tests on CUDA tensors) it is skipped,
+    the real cuda backend runs those cases."""
     params = []
-    for name in ("cuda", "triton", "cpu"):
+    for name in KERNEL_BACKENDS:
         status = backend_status(name, device)
         marks = () if status.available else (pytest.mark.skip(reason=f"{name}: {status.reason}"),)
         params.append(pytest.param(name, id=name, marks=marks))
     return params
+
+
+def kernel_backend(name: str, device: str = DEVICE):
+    """One backend's pytest param from kernel_backends (skipped with the reason if unavailable)."""
+    return next(p for p in kernel_backends(device) if p.values[0] == name)
 
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,15 +6,23 @@ import pytest
 import torch
 
 from phi_kernels import FusedAdam
-from tests.conftest import DEVICE, kernel_backends
+from tests.conftest import DEVICE, kernel_backend, kernel_backends
 
-SHAPES = [(), (1,), (7,), (4097,), (65537,), (33, 65)]
+SHAPES = [(), (1,), (7,), (4097,), (65537,), (33, 65)]  # 65537 straddles two 64K-element chunks
 SMALL_SHAPES = [(), (1,), (7,), (4097,), (33, 65)]  # for the Triton interpreter (slow)
 KW = dict(lr=1e-3, betas=(0.9, 0.98), eps=1e-7)
 
 
 def _interpreting(backend):
     return backend == "triton" and DEVICE == "cpu"
+
+
+def _work(backend, steps):
+    """(shapes, steps) of a test that runs `steps` steps over SHAPES. The Triton interpreter gets
+    less work; cuda-emu (the CUDA kernel in the SIMT emulator) is fast enough for all of it."""
+    if _interpreting(backend):
+        return SMALL_SHAPES, min(steps, 8)
+    return SHAPES, steps
 
 
 def _train(make_opt, shapes, steps, dtype=torch.float32, grad_dtype=None, seed=0):
@@ -40,7 +48,7 @@ def _close(ours, theirs, rtol=1e-6, atol=1e-7):
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
 @pytest.mark.parametrize("maximize", [False, True], ids=["", "maximize"])
 def test_fp32_matches_torch(backend, adam_w_mode, amsgrad, maximize):
-    shapes, steps = (SMALL_SHAPES, 8) if _interpreting(backend) else (SHAPES, 50)
+    shapes, steps = _work(backend, 50)
     wd = 0.1
     torch_cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
     theirs, _ = _train(lambda ps: torch_cls(ps, weight_decay=wd, amsgrad=amsgrad, maximize=maximize, fused=True, **KW),
@@ -85,7 +93,7 @@ def test_no_bias_correction_and_groups(backend):
 def test_master_weights_follow_fp32_torch(backend, dtype):
     """With master weights the fp32 copy follows torch's fp32 AdamW given the same (16-bit) grads,
     and the 16-bit param is that copy rounded."""
-    shapes, steps = (SMALL_SHAPES, 6) if _interpreting(backend) else (SHAPES, 50)
+    shapes, steps = (SMALL_SHAPES, 6) if _interpreting(backend) else _work(backend, 50)
     torch.manual_seed(0)
     params = [torch.randn(s, device=DEVICE).to(dtype).requires_grad_() for s in shapes]
     shadow = [p.detach().float().clone().requires_grad_() for p in params]
@@ -269,6 +277,19 @@ def test_capturable_matches_and_skips_without_advancing(backend):
     p.grad = torch.randn_like(p)
     opt.step(found_inf=torch.ones(1, device=DEVICE))
     assert torch.equal(before, p.detach()) and float(opt.state[p]["step"]) == 4
+
+
+@pytest.mark.parametrize("backend", [kernel_backend("cuda"), kernel_backend("cuda-emu")])
+def test_more_tensors_than_one_multi_tensor_table(backend):
+    """30 tensors in one group: the CUDA launch fills a table (24 tensors, 320 blocks) and starts
+    another. Tensor 23, the 24th, spans two 64K-element chunks, so the table fills on its last
+    chunk; an empty tensor is skipped. Checked against torch.optim.AdamW."""
+    shapes = [(1 + 37 * i,) for i in range(30)]
+    shapes[9], shapes[23] = (0,), (70001,)
+    theirs, _ = _train(lambda ps: torch.optim.AdamW(ps, weight_decay=0.1, fused=True, **KW), shapes, 3)
+    ours, opt = _train(lambda ps: FusedAdam(ps, weight_decay=0.1, backend=backend, **KW), shapes, 3)
+    _close(ours, theirs)
+    assert all(float(opt.state[p]["step"]) == 3 for p in opt.param_groups[0]["params"])
 
 
 def test_capturable_rejects_the_cpu_kernel():

@@ -10,8 +10,9 @@ import torch
 
 from phi_kernels import BackendUnavailableError, flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
 from phi_kernels.reference import dropout_keep_mask, flash_attn_ref
-from tests.conftest import DEVICE, kernel_backends
+from tests.conftest import CUDA_KERNELS, DEVICE, kernel_backend, kernel_backends
 
+# cuda-emu (the CUDA kernels under the SIMT emulator, CPU tensors) runs every cuda case without a GPU.
 BACKENDS = [p for p in kernel_backends() if p.values[0] != "cuda"] + [
     pytest.param("cuda", marks=pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU"))]
 
@@ -62,9 +63,10 @@ CASES = [  # (seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, window, sof
 
 
 def _skip_if_cuda_lacks(backend, dtype, head_dim=64):
-    """The CUDA kernels take fp16/bf16 at head_dim 64/128; auto-dispatch sends the rest to triton."""
-    if backend == "cuda" and (dtype == torch.float32 or head_dim not in (64, 128)):
-        pytest.skip("cuda backend: fp16/bf16 with head_dim 64 or 128 only")
+    """The CUDA kernels (cuda, and cuda-emu that emulates them) take fp16/bf16 at head_dim 64/128;
+    auto-dispatch sends the rest to triton."""
+    if backend in CUDA_KERNELS and (dtype == torch.float32 or head_dim not in (64, 128)):
+        pytest.skip(f"{backend} backend: fp16/bf16 with head_dim 64 or 128 only")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,7 +117,7 @@ def test_varlen_documents(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_mask_reproduced_by_reference(backend):
     torch.manual_seed(123)
-    dtype = torch.float16 if backend == "cuda" else torch.float32
+    dtype = torch.float16 if backend in CUDA_KERNELS else torch.float32
     q, k, v = (torch.randn(1, 70, 2, 64, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
     torch.manual_seed(7)
     out = flash_attn_func(q, k, v, dropout_p=0.25, causal=True, backend=backend)
@@ -137,15 +139,16 @@ def test_dropout_keep_fraction():
     assert not torch.equal(keep[0], keep[1])
 
 
-@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kernel_keep_fraction(backend):
     """Larger size through the kernel itself: with v = 1 and uniform attention the output is the
-    kept fraction of each row (times 1/(1-p))."""
-    q = torch.zeros(1, 256, 1, 16, device=DEVICE)
-    k = torch.zeros(1, 256, 1, 16, device=DEVICE)
-    v = torch.ones(1, 256, 1, 16, device=DEVICE)
+    kept fraction of each row (times 1/(1-p)). (The CUDA kernels: fp16 at head_dim 64.)"""
+    dtype, d = (torch.float16, 64) if backend in CUDA_KERNELS else (torch.float32, 16)
+    q = torch.zeros(1, 256, 1, d, device=DEVICE, dtype=dtype)
+    k = torch.zeros(1, 256, 1, d, device=DEVICE, dtype=dtype)
+    v = torch.ones(1, 256, 1, d, device=DEVICE, dtype=dtype)
     out = flash_attn_func(q, k, v, dropout_p=0.2, backend=backend)
-    kept = out[..., 0].mean().item() * 0.8
+    kept = out[..., 0].float().mean().item() * 0.8
     assert abs(kept - 0.8) < 0.01
 
 
@@ -153,7 +156,7 @@ def test_kernel_keep_fraction(backend):
 def test_deterministic_backward_bitwise(backend):
     q, k, v = (torch.randn(1, 100, 4, 64, device=DEVICE).half().requires_grad_() for _ in range(3))
     k2, v2 = k[:, :, :2].detach().requires_grad_(), v[:, :, :2].detach().requires_grad_()
-    if backend == "cuda":  # its backward adds dq with atomics: it declines rather than lie
+    if backend in CUDA_KERNELS:  # the CUDA backward adds dq with atomics: it declines rather than lie
         with pytest.raises(BackendUnavailableError, match="deterministic"):
             flash_attn_func(q, k2, v2, causal=True, deterministic=True, backend=backend)
         return
@@ -174,7 +177,7 @@ def test_qkvpacked(backend):
 
 
 def test_opcheck_and_compile():
-    backend = "triton" if DEVICE == "cuda" or kernel_backends()[1].marks == () else "ref"
+    backend = "triton" if DEVICE == "cuda" or kernel_backend("triton").marks == () else "ref"
     q, k, v = (torch.randn(1, 20, 2, 64, device=DEVICE, requires_grad=True) for _ in range(3))
     args = (q, k, v, None, None, None, 20, 20, 0.125, -1, 0, 0.0, 0.0, 0, backend)
     torch.library.opcheck(torch.ops.phi_kernels.flash_attn_forward.default, args,
@@ -191,10 +194,11 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(g_compiled, q.grad)
 
 
-def test_cuda_backend_explains_what_it_lacks():
+@pytest.mark.parametrize("backend", CUDA_KERNELS)
+def test_cuda_backend_explains_what_it_lacks(backend):
     q = torch.randn(1, 4, 2, 64, device=DEVICE)
     with pytest.raises(BackendUnavailableError, match="cuda"):
-        flash_attn_func(q, q, q, dropout_p=0.1, backend="cuda")
+        flash_attn_func(q, q, q, dropout_p=0.1, backend=backend)
 
 
 def _bad():
@@ -244,19 +248,20 @@ def _plan(q, k, cu_q=None, cu_k=None, max_q=0, max_k=0, backward=False):
 def test_cuda_launch_plan(head_dim, dtype):
     """The CUDA launch (grid, block, shared memory) computed by the same host code the GPU path
     runs, from CPU tensors: one CTA per 64-row query tile (forward) / 64-key tile (backward) of
-    the longest sequence, per sequence, per query head; shared memory within an A100's 163 KB."""
+    the longest sequence, per sequence, per query head; shared memory within an A100's 163 KB.
+    grid.x holds (tile, sequence) pairs and grid.y the heads, since grid.y stops at 65535."""
     q = torch.randn(2, 300, 8, head_dim, dtype=dtype)
     k = torch.randn(2, 129, 2, head_dim, dtype=dtype)
     hd, gx, gy, gz, threads, smem = _plan(q, k)
-    assert (hd, gx, gy, gz) == (head_dim, math.ceil(300 / 64), 2, 8)
+    assert (hd, gx, gy, gz) == (head_dim, math.ceil(300 / 64) * 2, 8, 1)
     assert threads == 128 and 0 < smem <= 163 * 1024
     hd, gx, gy, gz, threads, smem = _plan(q, k, backward=True)
-    assert (hd, gx, gy, gz) == (head_dim, math.ceil(129 / 64), 2, 8)
+    assert (hd, gx, gy, gz) == (head_dim, math.ceil(129 / 64) * 2, 8, 1)
     assert threads == 256 and 0 < smem <= 163 * 1024
-    # Packed sequences: grid.y is the number of sequences, grid.x follows max_seqlen.
+    # Packed sequences: grid.x is the number of sequences times the tiles of max_seqlen.
     cu = torch.tensor([0, 100, 250, 260], dtype=torch.int32)
     qp, kp = torch.randn(260, 8, head_dim, dtype=dtype), torch.randn(260, 2, head_dim, dtype=dtype)
-    assert _plan(qp, kp, cu, cu, 150, 150)[1:4] == [math.ceil(150 / 64), 3, 8]
+    assert _plan(qp, kp, cu, cu, 150, 150)[1:4] == [math.ceil(150 / 64) * 3, 8, 1]
 
 
 @pytest.mark.parametrize("name,make,match", [

@@ -24,6 +24,9 @@ namespace {
 // The plan's shared memory must fit the device: the sm_80 build also runs on sm_86 / sm_89
 // parts, whose 99 KiB opt-in limit is below what some instantiations ask for.
 void check_fits_device(const flash::Launch_plan& plan, bool backward) {
+  TORCH_CHECK(plan.grid_x <= 2147483647 && plan.grid_y <= 65535, "flash attention (cuda backend): ",
+              backward ? "key" : "query", " tiles x sequences (", plan.grid_x, ") or heads (", plan.grid_y,
+              ") exceed a launch's grid (2^31 - 1, 65535)");
   const int limit = max_dynamic_smem_optin();
   TORCH_CHECK(plan.smem_bytes <= limit, "flash attention (cuda backend): the head_dim ", plan.head_dim, " ",
               backward ? "backward" : "forward", " needs ", plan.smem_bytes,

@@ -16,6 +16,7 @@
 #pragma once
 #include "common/cuda_types.cuh"
 #include "flash_attn/flash.h"
+#include "flash_attn/flash_plan.h"
 #include "flash_attn/kernel_traits.h"
 #include "flash_attn/mma_sm80.cuh"
 
@@ -35,7 +36,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const Flash_par
   T* sP = sV + N * D;   // [M][N]
   T* sdS = sP + M * N;  // [M][N]
 
-  const int n_block = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
+  const int n_tiles = tiles_of(p.seqlen_k, N);  // grid.x = (key tile, sequence), flash_plan.h
+  const int n_block = blockIdx.x % n_tiles, b = blockIdx.x / n_tiles, h = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp & 3, wn = warp >> 2;
   const Flash_seq seq = Flash_seq::of(p, b);

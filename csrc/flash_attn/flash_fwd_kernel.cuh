@@ -3,6 +3,7 @@
 // kernels and tested there); fragment layouts: fragment_layout.h.
 //
 // CTA = (query tile of kBlockM rows, sequence, head); warp w owns rows 16w .. 16w + 15.
+// grid = (tiles x sequences, heads): see flash_plan.h.
 //   Q tile -> smem -> each warp's 16 rows into registers (A fragments), once. For each key tile
 //   in the rows' visible range:
 //     wait K; start loading V;  S = Q K^T (fp32, registers);  scale, softcap, mask;
@@ -12,6 +13,7 @@
 #pragma once
 #include "common/cuda_types.cuh"
 #include "flash_attn/flash.h"
+#include "flash_attn/flash_plan.h"
 #include "flash_attn/kernel_traits.h"
 #include "flash_attn/mma_sm80.cuh"
 
@@ -27,7 +29,8 @@ __global__ void __launch_bounds__(Kt::kThreads) flash_fwd_kernel(const Flash_par
   T* sK = sQ + M * D;
   T* sV = sK + N * D;
 
-  const int m_block = blockIdx.x, b = blockIdx.y, h = blockIdx.z;
+  const int n_tiles = tiles_of(p.seqlen_q, M);  // grid.x = (query tile, sequence), flash_plan.h
+  const int m_block = blockIdx.x % n_tiles, b = blockIdx.x / n_tiles, h = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const Flash_seq seq = Flash_seq::of(p, b);
   const int r0 = m_block * M;

@@ -25,7 +25,7 @@ void launch(const std::string& name, Kernel kernel, const Launch_plan& plan, con
     cuda_check(rt::cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem_bytes),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   }
-  launch_kernel(name.c_str(), kernel, dim3(plan.grid_x, plan.grid_y, plan.grid_z), dim3(plan.threads),
+  launch_kernel(name.c_str(), kernel, dim3(unsigned(plan.grid_x), plan.grid_y, plan.grid_z), dim3(plan.threads),
                 size_t(plan.smem_bytes), static_cast<cudaStream_t>(stream), p);
 }
 

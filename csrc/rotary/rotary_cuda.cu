@@ -7,7 +7,9 @@
 namespace phi {
 
 void rotary_cuda(const Rotary_params& p, void* stream) {
-  const dim3 grid((p.seqlen + kRotaryTokensPerBlock - 1) / kRotaryTokensPerBlock, p.batch);
+  const int64_t blocks = int64_t((p.seqlen + kRotaryTokensPerBlock - 1) / kRotaryTokensPerBlock) * p.batch;
+  if (blocks > 2147483647) throw std::runtime_error("rotary (cuda backend): more than 2^31 - 1 token blocks");
+  const dim3 grid{unsigned(blocks)};
   const dim3 block(32, kRotaryTokensPerBlock);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {

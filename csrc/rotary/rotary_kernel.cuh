@@ -1,7 +1,8 @@
 // Rotary embedding, CUDA kernel. Contract and math: rotary.h (shared with the CPU kernel);
 // launch: rotary_cuda.cu.
 //
-// Grid: (ceil(seqlen / kRotaryTokensPerBlock), batch). Block: (32, kRotaryTokensPerBlock): one
+// Grid: ceil(seqlen / kRotaryTokensPerBlock) x batch blocks in grid.x (token block fastest;
+// grid.y would stop at 65535 sequences). Block: (32, kRotaryTokensPerBlock): one
 // warp per token; its lanes walk that token's work items, heads x (rotary pairs + pass-through
 // dims), so the pass-through copy happens in the same launch. The op is memory bound: one read
 // and one write of every element of x, plus the cos/sin row (cached in L1/L2, shared by heads).
@@ -16,8 +17,9 @@ constexpr int kRotaryTokensPerBlock = 8;
 
 template <typename T>
 __global__ void __launch_bounds__(32 * kRotaryTokensPerBlock) rotary_kernel(const Rotary_params p) {
-  const int b = blockIdx.y;
-  const int t = blockIdx.x * kRotaryTokensPerBlock + threadIdx.y;
+  const int n_blocks = (p.seqlen + kRotaryTokensPerBlock - 1) / kRotaryTokensPerBlock;
+  const int b = blockIdx.x / n_blocks;
+  const int t = (blockIdx.x % n_blocks) * kRotaryTokensPerBlock + threadIdx.y;
   int64_t start;
   int len;
   rotary_seq_bounds(p, b, start, len);
