@@ -23,7 +23,7 @@
 namespace phi::flash {
 
 template <class Kt, typename T>
-__global__ void __launch_bounds__(Kt::kThreads) flash_bwd_kernel(const Flash_params p) {
+__global__ void __launch_bounds__(Kt::kThreads, 1) flash_bwd_kernel(const Flash_params p) {
   constexpr int D = Kt::kHeadDim, M = Kt::kBlockM, N = Kt::kBlockN;
   static_assert(M == 64 && N == 64 && Kt::kNWarps == 8, "the 4 x 2 warp grid covers 64 x 64 tiles");
   constexpr int kNTs = N / 2 / 8;  // score tiles per warp: 16 rows x 32 columns
