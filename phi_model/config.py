@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -30,11 +32,19 @@ class PhiConfig:
     rotary_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("layer_norm_eps", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("resid_pdrop", "embd_pdrop", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")
@@ -83,8 +93,22 @@ class PhiConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "PhiConfig":
-        with open(path) as f:
-            return cls.from_hf_config(json.load(f))
+        """From a config.json file; every error names the file."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the model config: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: a model config must be a JSON object, got {type(cfg).__name__}")
+        try:
+            return cls.from_hf_config(cfg)
+        except KeyError as e:
+            raise ValueError(f"{path}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict:
         """transformers' PhiConfig format (loads in transformers 4.x and 5.x)."""
@@ -103,10 +127,65 @@ class PhiConfig:
             "eos_token_id": self.eos_token_id, "initializer_range": 0.02, "use_cache": True,
         }
 
+    def to_json_string(self) -> str:
+        """config.json's text; a ValueError naming the field when a value is not plain JSON (a
+        numpy scalar, NaN, an object ...), raised before anything is written."""
+        d = self.to_hf_dict()
+        check_json_value(d, "config")
+        return json.dumps(d, indent=2, allow_nan=False) + "\n"
+
     def save(self, directory: str) -> None:
+        """Writes <directory>/config.json atomically (validated first; temp name, fsync, rename)."""
+        from phi_model.atomic import atomic_write_text
+
+        text = self.to_json_string()
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2)
+        atomic_write_text(os.path.join(directory, "config.json"), text)
+
+
+def check_json_value(value, where: str) -> None:
+    """Raises ValueError naming `where` (e.g. config.layer_norm_eps) for anything json.dump would
+    reject or write as non-standard JSON: non-finite floats, numpy scalars, other objects."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise ValueError(f"{where} = {value!r} is not finite: JSON has no NaN or infinity")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_json_value(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: key {k!r} is not a string")
+            check_json_value(v, f"{where}.{k}")
+        return
+    raise ValueError(f"{where} = {value!r} ({type(value).__module__}.{type(value).__name__}) is not JSON-serialisable: "
+                     "use a plain int, float, str, bool or None")
+
+
+def _check_field_types(cfg: "PhiConfig") -> None:
+    """Every field is the type it says (numpy numbers become Python numbers): 'hidden_size
+    expected an int, got str '128'' instead of a TypeError from a comparison later."""
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        v = getattr(cfg, f.name)
+        kind = str(f.type)
+        if v is None and "None" in kind:
+            continue
+        if kind.startswith("int"):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"PhiConfig.{f.name} expected an int, got {type(v).__name__} {v!r}")
+            setattr(cfg, f.name, int(v))
+        elif kind.startswith("float"):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"PhiConfig.{f.name} expected a number, got {type(v).__name__} {v!r}")
+            if not math.isfinite(float(v)):
+                raise ValueError(f"PhiConfig.{f.name} must be finite, got {v!r}")
+            setattr(cfg, f.name, float(v))
 
 
 PRESETS: dict[str, dict] = {

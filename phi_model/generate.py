@@ -8,6 +8,8 @@ download works, and so does train/pretrain.py's exported out/final. Tokens strea
 from __future__ import annotations
 
 import argparse
+import math
+import numbers
 import os
 import sys
 from typing import Callable, Iterator
@@ -22,10 +24,15 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
                 generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
     """Next token ids (B,) from logits (B, V): greedy at temperature 0, else sampled after
     top-k and nucleus (top-p) filtering. generator: one for the batch, or one per row (a row's
-    draws then do not depend on the other rows)."""
-    if temperature <= 0:
+    draws then do not depend on the other rows). temperature >= 0, top_k None or >= 0 (0 = off),
+    top_p None or in (0, 1] (1 = off); anything else is a ValueError naming the argument."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted by the row maximum first (softmax is unchanged): a tiny temperature then sends the
+    # other logits to -inf instead of the maximum to +inf (inf - inf = NaN probabilities).
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -40,14 +47,102 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_prompts(prompts: list[list[int]], max_new_tokens: int) -> None:
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_sampling(temperature, top_k, top_p, seed=None, *, cli: bool = False) -> None:
+    """ValueError naming the argument (the flag with cli=True) unless temperature is a finite
+    number >= 0 (0 = greedy), top_k None or an int >= 0 (0 = no top-k), top_p None or a number in
+    (0, 1] (1 = no nucleus filtering), seed None or an int."""
+    def name(a):
+        return "--" + a.replace("_", "-") if cli else a
+
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise ValueError(f"{name('top_k')} must be None or an int >= 0 (0 = no top-k filtering), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"{name('top_p')} must be None or a number in (0, 1] (1 = no nucleus filtering), "
+                         f"got {top_p!r}")
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"{name('seed')} must be None or an int, got {seed!r}")
+
+
+def _token_ids(prompt, where: str) -> list[int]:
+    """One prompt as a list of Python ints: a list/tuple of ints, or a 1-D integer tensor (or
+    numpy array). Floats, bools, strings and float tensors are refused, not truncated."""
+    if isinstance(prompt, Tensor) or hasattr(prompt, "dtype") and hasattr(prompt, "tolist"):
+        dtype = prompt.dtype
+        is_int = (not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool) \
+            if isinstance(prompt, Tensor) else getattr(dtype, "kind", None) in ("i", "u")
+        if not is_int or prompt.ndim != 1:
+            raise ValueError(f"{where} must be a 1-D integer tensor of token ids, got {dtype} shape "
+                             f"{tuple(prompt.shape)}")
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"{where} must be a list of token ids, got {type(prompt).__name__}")
+    prompt = [t.item() if isinstance(t, Tensor) and t.dim() == 0 and not t.dtype.is_floating_point
+              and t.dtype != torch.bool else t for t in prompt]
+    for j, t in enumerate(prompt):
+        if not _is_int(t):
+            raise ValueError(f"{where}: token {j} is {t!r} ({type(t).__name__}); token ids must be integers")
+    return [int(t) for t in prompt]
+
+
+def _prompt_batch(prompts) -> tuple[list[list[int]], bool]:
+    """(list of prompts, whether a single prompt was given) from a list of ids, a list of
+    lists, a 1-D tensor (one prompt) or a 2-D tensor (a batch)."""
+    if isinstance(prompts, Tensor) and prompts.dim() == 2:
+        return [_token_ids(row, f"prompts[{i}]") for i, row in enumerate(prompts)], False
+    if isinstance(prompts, Tensor) or hasattr(prompts, "dtype"):
+        return [_token_ids(prompts, "prompts")], True
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list of token ids or a list of such lists, got {type(prompts).__name__}")
+
+    def is_seq(p):
+        return isinstance(p, (list, tuple)) or (hasattr(p, "ndim") and p.ndim >= 1)
+
+    if len(prompts) and not any(is_seq(t) for t in prompts):  # one prompt (its ids are checked next)
+        return [_token_ids(prompts, "prompts")], True
+    if not all(is_seq(t) for t in prompts):
+        raise ValueError("prompts mixes token ids and lists: give one list of ids, or a list of lists")
+    return [_token_ids(p, f"prompts[{i}]") for i, p in enumerate(prompts)], False
+
+
+def _check_prompts(prompts: list[list[int]], max_new_tokens: int, model: PhiForCausalLM | None = None) -> None:
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if model is None:
+        return
+    cfg = model.config
+    for i, p in enumerate(prompts):
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"prompt {i}: token id {bad} at position {p.index(bad)} is out of range: ids must be in "
+                             f"[0, vocab_size={cfg.vocab_size})")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                         f"{longest + max_new_tokens} exceeds the model's max_position_embeddings "
+                         f"({cfg.max_position_embeddings}): lower max_new_tokens to at most "
+                         f"{max(cfg.max_position_embeddings - longest, 0)} or shorten the prompt")
+
+
+def _check_all(model, batch, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id) -> None:
+    """Every argument, before any compute."""
+    _check_prompts(batch, max_new_tokens, model)
+    check_sampling(temperature, top_k, top_p, seed)
+    if eos_token_id is not None and not _is_int(eos_token_id):
+        raise ValueError(f"eos_token_id must be None or an int, got {eos_token_id!r}")
 
 
 @torch.no_grad()
@@ -93,9 +188,14 @@ def _decode(model: PhiForCausalLM, prompts: list[list[int]], max_new_tokens: int
 def generate_stream(model: PhiForCausalLM, prompt_ids: list[int] | Tensor, max_new_tokens: int = 64, *,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, eos_token_id: int | None = None, use_cache: bool = True) -> Iterator[int]:
-    """Yields new token ids one by one for a single prompt (stops after eos_token_id)."""
-    prompt = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, Tensor) else prompt_ids)]
-    _check_prompts([prompt], max_new_tokens)
+    """Yields new token ids one by one for a single prompt (stops after eos_token_id). The
+    arguments are validated when this is called, before the first token is asked for."""
+    prompt = _token_ids(prompt_ids, "prompt_ids")
+    _check_all(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
+    return _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, use_cache)
+
+
+def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, use_cache) -> Iterator[int]:
     was_training = model.training
     model.eval()
     try:
@@ -116,10 +216,15 @@ def generate(model: PhiForCausalLM, prompts: list[list[int]] | list[int], max_ne
     lists), decoded together in one batch with a KV cache. Returns one list of new ids per prompt,
     each ending at its first eos_token_id or at max_new_tokens; on_token(i, id) is called as the
     tokens of prompt i arrive. Greedy results equal decoding each prompt alone. With
-    use_cache=False (the uncached oracle) prompts run one after another."""
-    single = len(prompts) > 0 and not isinstance(prompts[0], (list, tuple, Tensor))
-    batch = [list(map(int, prompts))] if single else [list(map(int, p)) for p in prompts]
-    _check_prompts(batch, max_new_tokens)
+    use_cache=False (the uncached oracle) prompts run one after another. A 1-D integer tensor is
+    one prompt, a 2-D one a batch.
+
+    Every argument is checked before any compute, with a ValueError naming it: token ids must be
+    integers in [0, vocab_size); temperature a finite number >= 0 (0 = greedy); top_k None or an
+    int >= 0 (0 = off); top_p None or in (0, 1]; and the longest prompt + max_new_tokens must fit
+    the model's max_position_embeddings."""
+    batch, _ = _prompt_batch(prompts)
+    _check_all(model, batch, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
     if not use_cache and len(batch) > 1:
         return [generate(model, p, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                          eos_token_id=eos_token_id, use_cache=False,
@@ -156,6 +261,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.seed, cli=True)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.max_new_tokens < 0:
+        ap.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     tok_path = os.path.join(args.checkpoint, "tokenizer.json")
     if not os.path.exists(tok_path):
         ap.error(f"{tok_path} not found: the checkpoint directory must hold the tokenizer (tokenizer.json)")
@@ -165,12 +276,16 @@ def main(argv=None) -> int:
     model = PhiForCausalLM.from_pretrained(args.checkpoint, device=args.device)
     ids = tokenizer.encode(args.prompt).ids
     eos = model.config.eos_token_id
+    try:
+        stream = generate_stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed, eos_token_id=eos)
+    except ValueError as e:  # e.g. the prompt + --max-new-tokens past the model's positions
+        ap.error(str(e))
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     produced: list[int] = []
     printed = ""
-    for tok in generate_stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, seed=args.seed, eos_token_id=eos):
+    for tok in stream:
         produced.append(tok)
         text = tokenizer.decode(produced)  # decode the whole tail: byte-level BPE pieces join correctly
         sys.stdout.write(text[len(printed):])

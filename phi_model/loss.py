@@ -69,13 +69,38 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | No
                                chunk_rows: int = 1024) -> Tensor:
     """Mean cross entropy of softmax(hidden @ weight.T + bias) against targets (-100 ignored),
     in fp32, without materialising the logits. hidden (N, C), weight (V, C), bias (V,) or None,
-    targets (N,) int64."""
+    targets (N,) int64.
+
+    targets (the labels) are checked as F.cross_entropy checks them: int64, shape (N,), every
+    value in [0, V) or -100. On the CPU a bad label is a ValueError naming it; on a GPU the range
+    check is a device-side assert (torch._assert_async, no host sync), as in F.cross_entropy."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be (N, C) and weight (V, C), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise ValueError(f"hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)
+                             or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating tensor of shape (V,) = ({weight.shape[0]},), got "
+                         + (f"{bias.dtype} {tuple(bias.shape)}" if isinstance(bias, Tensor) else type(bias).__name__))
     if targets.shape != (hidden.shape[0],) or targets.dtype != torch.long:
-        raise ValueError(f"targets must be int64 of shape ({hidden.shape[0]},), got {targets.dtype}{tuple(targets.shape)}")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        raise ValueError(f"targets must be int64 of shape ({hidden.shape[0]},) (the labels), got "
+                         f"{targets.dtype}{tuple(targets.shape)}")
+    devices = {t.device for t in (hidden, weight, targets, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"hidden, weight, bias and targets must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+    vocab = weight.shape[0]
+    if not torch.compiler.is_compiling() and targets.numel():
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
+        if targets.device.type == "cpu":
+            if bool(bad.any()):
+                raise ValueError(f"targets must be in [0, {vocab}) or {IGNORE_INDEX} (ignored) (the labels), got "
+                                 f"{int(targets[bad][0])}")
+        else:
+            torch._assert_async(~bad.any(), f"fused_linear_cross_entropy: targets (labels) out of [0, {vocab}) and "
+                                            f"not {IGNORE_INDEX}")
     return _FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows)

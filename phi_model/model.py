@@ -156,9 +156,30 @@ class PhiForCausalLM(nn.Module):
         int32 tensor (B,) when rows sit at different positions (batched decoding); inference only.
         return_logits=False (with labels): the loss is fused with lm_head
         (phi_model/loss.py) and the (B, T, vocab) logits are never materialised; logits is None."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, seqlen) tensor, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
         b, t = input_ids.shape
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != input_ids.shape:
+                raise ValueError(f"labels must be an int64 tensor shaped like input_ids {tuple(input_ids.shape)}, got "
+                                 + (f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor)
+                                    else type(labels).__name__))
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Eager CPU checks (free next to the forward; on a GPU they would cost a host sync, and
+            # the embedding's and the loss's device-side asserts stand in): ids the embedding
+            # cannot index, and labels F.cross_entropy would refuse, named here.
+            vocab = self.config.vocab_size
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+                raise ValueError(f"input_ids must be in [0, vocab_size={vocab}), got values in "
+                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+            if labels is not None:
+                bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
+                if bool(bad.any()):
+                    raise ValueError(f"labels must be in [0, vocab_size={vocab}) or -100 (ignored), got "
+                                     f"{int(labels[bad][0])}")
         if isinstance(cache_pos, Tensor):
             if caches is None:
                 raise ValueError("cache_pos as a tensor (per-row positions) needs caches")
@@ -225,7 +246,8 @@ class PhiForCausalLM(nn.Module):
 
         return load_pretrained(cls, directory, dtype=dtype, device=device)
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, *, extra_files: dict[str, str] | None = None) -> None:
+        """Atomic: see phi_model.checkpoint.save_pretrained."""
         from phi_model.checkpoint import save_pretrained
 
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, extra_files=extra_files)

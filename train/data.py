@@ -12,6 +12,7 @@ order: ranks see distinct data, the order is a pure function of the seed, and th
 from __future__ import annotations
 
 import glob
+import json
 import os
 import struct
 
@@ -23,20 +24,39 @@ HEADER = struct.Struct("<8sIIQ8x")
 
 
 def write_shard(path: str, tokens: np.ndarray) -> None:
+    """Writes one shard atomically (temporary name, fsync, rename): a shard either exists whole or
+    not at all. tokens: 1-D integer ids in [0, 2**32)."""
+    from phi_model.atomic import atomic_write
+
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+        raise ValueError(f"{path}: tokens must be a 1-D array of integer ids, got {tokens.dtype} shape {tokens.shape}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2**32):
+        raise ValueError(f"{path}: token ids must be in [0, 2**32), got [{int(tokens.min())}, {int(tokens.max())}]")
     itemsize = 2 if tokens.max(initial=0) < 2**16 else 4
     data = tokens.astype(np.uint16 if itemsize == 2 else np.uint32)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(HEADER.pack(MAGIC, 1, itemsize, len(data)))
         f.write(data.tobytes())
-    os.replace(tmp, path)  # a shard either exists whole or not at all
+
+    atomic_write(path, write)
 
 
 def read_shard(path: str) -> np.ndarray:
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        magic, version, itemsize, n = HEADER.unpack(f.read(HEADER.size))
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        raise ValueError(f"{path} is not a phi-kernels token shard ({size} bytes, shorter than the header)")
+    magic, version, itemsize, n = HEADER.unpack(head)
     if magic != MAGIC or version != 1 or itemsize not in (2, 4):
         raise ValueError(f"{path} is not a phi-kernels token shard (magic {magic!r}, version {version})")
+    if size != HEADER.size + n * itemsize:
+        raise ValueError(f"{path}: truncated or padded shard: its header says {n} tokens ({HEADER.size + n * itemsize} "
+                         f"bytes), the file has {size} bytes")
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16 if itemsize == 2 else np.uint32)
     return np.memmap(path, dtype=np.uint16 if itemsize == 2 else np.uint32, mode="r", offset=HEADER.size, shape=(n,))
 
 
@@ -44,12 +64,56 @@ def shard_paths(data_dir: str, split: str) -> list[str]:
     return sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
 
 
+def read_meta(data_dir: str) -> dict:
+    """<data_dir>/meta.json, checked: every error names the file."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; {data_dir} is not a prepared data directory "
+                                "(run train/prepare_data.py)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key in ("vocab_size", "eos_token_id", "train_tokens", "val_tokens"):
+        v = meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{path}: field {key!r} expected an int >= 0, got {v!r}")
+    return meta
+
+
+def check_shards(data_dir: str, split: str, meta: dict) -> list[str]:
+    """The split's shard paths, refused when they are not the ones meta.json describes (a stale
+    shard from an earlier run, a missing one, a different token count)."""
+    paths = shard_paths(data_dir, split)
+    names = [os.path.basename(p) for p in paths]
+    listed = (meta.get("shards") or {}).get(split)
+    where = os.path.join(data_dir, "meta.json")
+    if listed is not None and sorted(listed) != names:
+        raise ValueError(f"{data_dir}: the {split} shards on disk {names} are not the ones {where} lists "
+                         f"{sorted(listed)} (files from another run?): prepare the directory again with --overwrite")
+    total = sum(len(read_shard(p)) for p in paths)
+    if total != meta[f"{split}_tokens"]:
+        raise ValueError(f"{data_dir}: the {split} shards hold {total} tokens but {where} says "
+                         f"{meta[f'{split}_tokens']} (files from another run?): prepare the directory again with "
+                         "--overwrite")
+    return paths
+
+
 class TokenLoader:
     """Batches of (micro_batch, seq_len) token windows for one rank."""
 
     def __init__(self, data_dir: str, split: str, seq_len: int, micro_batch: int, rank: int = 0, world: int = 1,
                  seed: int = 0):
-        paths = shard_paths(data_dir, split)
+        for name, v in (("seq_len", seq_len), ("micro_batch", micro_batch), ("world", world)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+            raise ValueError(f"rank must be an int in [0, world={world}), got {rank!r}")
+        meta = read_meta(data_dir)
+        paths = check_shards(data_dir, split, meta)
         if not paths:
             raise FileNotFoundError(f"no {split}_*.bin shards in {data_dir} (run train/prepare_data.py)")
         self.tokens = np.concatenate([read_shard(p) for p in paths]) if len(paths) > 1 else read_shard(paths[0])

@@ -42,17 +42,22 @@ on_gpu = torch.cuda.is_available()
 precision = resolve_precision(cfg, on_gpu)
 
 # ----------------------------------------------------------------------------- data (prepared once)
-if not os.path.exists(os.path.join(cfg.data, "meta.json")):
-    os.makedirs(cfg.data, exist_ok=True)
-    with open(os.path.join(cfg.data, ".prepare.lock"), "w") as lock:
+if not os.path.exists(os.path.join(cfg.data, "meta.json")):  # only the default --data (validate checked)
+    data_abs = os.path.abspath(cfg.data)
+    os.makedirs(os.path.dirname(data_abs), exist_ok=True)
+    # The lock sits beside the directory: prepare() builds the directory elsewhere and swaps it in whole.
+    with open(os.path.join(os.path.dirname(data_abs), f".{os.path.basename(data_abs)}.prepare.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first rank prepares; the others wait, then find it done
         if not os.path.exists(os.path.join(cfg.data, "meta.json")):
             from train.prepare_data import prepare
 
             print(f"[rank {rank}] preparing the embedded corpus (Python stdlib sources) into {cfg.data}", flush=True)
-            prepare(cfg.data)
-with open(os.path.join(cfg.data, "meta.json")) as f:
-    meta = json.load(f)
+            # No meta.json: whatever is there is an unfinished earlier preparation of this default
+            # directory; it is replaced whole.
+            prepare(cfg.data, overwrite=True)
+from train.data import read_meta  # noqa: E402
+
+meta = read_meta(cfg.data)
 
 # ----------------------------------------------------------------------------- distributed + model
 import deepspeed  # noqa: E402  (imported late: its import is slow, and bad configs should fail first)
@@ -154,6 +159,8 @@ metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 writer = None
 if rank == 0:
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if not cfg.resume and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run's metrics and plot are its own (validate refused reused checkpoints)
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
@@ -209,11 +216,10 @@ if rank == 0:
 if cfg.zero_stage == 3:
     raise SystemExit("export with ZeRO-3 needs a gathered state dict: convert with DeepSpeed's zero_to_fp32.py")
 if rank == 0:
-    import shutil
-
     final = os.path.join(cfg.out_dir, "final")
-    model.save_pretrained(final)  # ZeRO-2 keeps full parameters on every rank
-    shutil.copy(os.path.join(cfg.data, "tokenizer.json"), os.path.join(final, "tokenizer.json"))
+    # ZeRO-2 keeps full parameters on every rank. Atomic: the weights, config and tokenizer are
+    # written beside out/final and swapped in together (an earlier export stays loadable until then).
+    model.save_pretrained(final, extra_files={"tokenizer.json": os.path.join(cfg.data, "tokenizer.json")})
     import matplotlib
 
     matplotlib.use("Agg")
