@@ -70,8 +70,8 @@ def _summarise(name: str, c: dict) -> KernelCounters:
 
 
 def measure(seqlen: int = 2048, head_dims=(64, 128)) -> list[KernelCounters]:
-    """Runs every CUDA kernel once in the emulator (fp16 and bf16 attention; fp32 and bf16 +
-    master Adam; bf16 rotary) and returns each kernel's counters. seqlen 2048 takes about a
+    """Runs every CUDA kernel once in the emulator (attention fwd + bwd in fp16 and bf16 at each
+    head_dim; rotary and every Adam variant in each dtype) and returns each kernel's counters. seqlen 2048 takes about a
     minute on 2 cores; the tests use 256."""
     from phi_kernels import FusedAdam, apply_rotary, flash_attn_func, rotary_cos_sin
     from phi_kernels._extension import emu_load_error
@@ -86,14 +86,16 @@ def measure(seqlen: int = 2048, head_dims=(64, 128)) -> list[KernelCounters]:
             q, k, v = (torch.randn(1, seqlen, 1, d, generator=gen).to(dtype).requires_grad_() for _ in range(3))
             out = flash_attn_func(q, k, v, causal=True, backend="cuda-emu")
             out.backward(torch.randn(out.shape, generator=gen).to(dtype))
-    x = torch.randn(1, min(seqlen, 256), 32, 64, generator=gen).bfloat16()
-    cos, sin = rotary_cos_sin(x.shape[1], 32, dtype=torch.bfloat16)
-    apply_rotary(x, cos, sin, backend="cuda-emu")
-    for dtype, master in ((torch.float32, False), (torch.bfloat16, True)):
-        params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in (65536 * 2, 4097)]
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
-        FusedAdam(params, lr=1e-3, master_weights=master, backend="cuda-emu").step()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(1, min(seqlen, 256), 32, 64, generator=gen).to(dtype)
+        cos, sin = rotary_cos_sin(x.shape[1], 32, dtype=dtype)
+        apply_rotary(x, cos, sin, backend="cuda-emu")
+        for amsgrad in (False, True):
+            for master in (False, True) if dtype != torch.float32 else (False,):
+                params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in (65536 * 2, 4097)]
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+                FusedAdam(params, lr=1e-3, amsgrad=amsgrad, master_weights=master, backend="cuda-emu").step()
     stats = json.loads(ops.emu_stats())
     return [_summarise(name, c) for name, c in sorted(stats.items())]
 

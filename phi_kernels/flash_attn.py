@@ -14,6 +14,19 @@ dropout drawn from a seed taken from torch's default generator, so torch.manual_
 reproducible and the forward and backward see the same mask. A row that sees no key returns 0
 (and lse +inf). Memory is linear in the sequence length on the triton and cuda backends.
 
+Non-finite inputs (flash_math.h; the oracle and the cpu backend follow it, see
+tests/test_bad_input_kernels.py for the kernels' status): a key a row cannot see (causal,
+window, another packed sequence, a KV-cache slot past cache_seqlens) never affects that row,
+whatever its k and v hold; a NaN the row sees, in its q or in the k of a visible key, makes the
+whole output row and its lse NaN; a NaN in v[j, c] of a visible key j makes out[row, c] NaN.
+
+Bad arguments raise ValueError naming them before anything runs or is written: softcap must be
+finite and >= 0, softmax_scale finite and > 0 (both also as float32), dropout_p in [0, 1),
+window_size two ints >= -1; cu_seqlens start at 0, are non-decreasing and end at the packed row
+count; max_seqlen is an int in [0, 2**31 - 1] not below the longest sequence (any value above it
+is fine: the kernels are given the longest, read back from cu_seqlens); flash_attn_with_kvcache
+checks every argument and the backend before it writes into the caches.
+
 Backends: "triton" (phi_kernels/triton/flash_attn_fwd.py, _bwd.py), "cuda" (csrc/flash_attn:
 head_dim 64/128, fp16/bf16, 16-byte aligned rows; its backward accumulates dq with atomics,
 so deterministic=True picks another backend), "cuda-emu" (the same CUDA kernels run on CPU
@@ -29,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -38,13 +52,55 @@ from phi_kernels._backends import resolve_backend
 from phi_kernels.reference.flash_attn import flash_attn_ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+_FP32_MAX = 3.4028234663852886e38  # the largest finite float32
+_FP32_HALF_TINY = 7.006492321624085e-46  # half the smallest float32 subnormal: rounds to 0
+
+
+def _real(x) -> bool:
+    """A real number that is not a bool (the fast path first: this runs on every decoding step)."""
+    return type(x) is float or type(x) is int or (isinstance(x, numbers.Real) and not isinstance(x, bool))
+
+
+def _check_scalars(dropout_p, window_size, softcap, softmax_scale) -> None:
+    """The non-tensor arguments: finite numbers in range (ValueError naming the argument). The
+    kernels take softcap and softmax_scale as float32, so they must be finite there too (and
+    softmax_scale must not round to 0)."""
+    if not _real(dropout_p) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not _real(softcap) or not 0.0 <= softcap <= _FP32_MAX:  # NaN fails every comparison
+        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+    if softmax_scale is not None and (not _real(softmax_scale) or not _FP32_HALF_TINY < softmax_scale <= _FP32_MAX):
+        raise ValueError(f"softmax_scale must be a finite number > 0 (float32: in [1.4e-45, 3.4e38]), "
+                         f"got {softmax_scale!r}")
+    if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is int \
+            and type(window_size[1]) is int and -1 <= window_size[0] <= _INT32_MAX and -1 <= window_size[1] <= _INT32_MAX:
+        return  # the common case, without the generality below
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(not _is_int(w) or not -1 <= w <= _INT32_MAX for w in window_size)):
+        raise ValueError(f"window_size must be (left, right) ints in [-1, 2**31 - 1] (-1 = unbounded), "
+                         f"got {window_size!r}")
+
+
+def _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale,
+           names=("q", "k", "v")) -> tuple:
+    """Raise ValueError naming the bad argument. Returns the (max_seqlen_q, max_seqlen_k) the
+    kernels should use with cu_seqlens: the longest sequences, read back from cu_seqlens (the
+    given values under torch.compile, where nothing is read back). flash-attention accepts any
+    max_seqlen >= the longest sequence; sizing the launch by the longest makes a max_seqlen far
+    above it (2**31 - 1) cost nothing instead of a huge grid or allocation. names: what the
+    caller calls q, k and v (flash_attn_with_kvcache: q, k_cache, v_cache)."""
+    nq, nk, nv = names
+    for name, t in ((nq, q), (nk, k), (nv, v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
@@ -54,51 +110,54 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, s
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim (last dim), got strides {t.stride()}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"{nq}, {nk}, {nv} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     nd = 3 if cu_q is not None else 4
     layout = "(total, heads, head_dim)" if nd == 3 else "(batch, seqlen, heads, head_dim)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in ((nq, q), (nk, k), (nv, v)):
         if t.dim() != nd:
             raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{nk} and {nv} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if nd == 4 and k.shape[0] != q.shape[0]:
-        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+        raise ValueError(f"{nq} and {nk} must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
     head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
     if k.shape[-1] != head_dim:
-        raise ValueError(f"k's head_dim must equal q's ({head_dim}), got {k.shape[-1]}")
+        raise ValueError(f"{nk}'s head_dim must equal {nq}'s ({head_dim}), got {k.shape[-1]}")
     if head_dim % 8 or not 8 <= head_dim <= 256:
         raise ValueError(f"head_dim must be a multiple of 8 in [8, 256], got {head_dim}")
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
-    if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
-    if len(window_size) != 2 or any(not isinstance(w, int) or w < -1 for w in window_size):
-        raise ValueError(f"window_size must be (left, right) ints >= -1 (-1 = unbounded), got {window_size!r}")
-    if cu_q is not None:
-        for name, cu, total, mx in (("cu_seqlens_q", cu_q, q.shape[0], max_q), ("cu_seqlens_k", cu_k, k.shape[0], max_k)):
-            if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-                raise ValueError(f"{name} must be a 1-D int32 tensor (batch + 1,), got "
-                                 f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}")
-            if cu.device != q.device:
-                raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
-            if not isinstance(mx, int) or mx < 0:
-                raise ValueError(f"max_seqlen for {name} must be a non-negative int, got {mx!r}")
-            if not torch.compiler.is_compiling():
-                c = cu.cpu().long()
-                lengths = c[1:] - c[:-1]
-                if int(c[0]) != 0 or bool((lengths < 0).any()) or int(c[-1]) != total:
-                    raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total} (the packed "
-                                     f"length), got {c.tolist()}")
-                if int(lengths.max()) > mx:
-                    raise ValueError(f"max_seqlen {mx} is below the longest sequence in {name} ({int(lengths.max())})")
-        if cu_k.numel() != cu_q.numel():
-            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
-                             f"got {cu_q.numel()} and {cu_k.numel()}")
+    _check_scalars(dropout_p, window_size, softcap, softmax_scale)
+    if cu_q is None:
+        return max_q, max_k
+    longest = []
+    for name, cu, total, mx_name, mx in (("cu_seqlens_q", cu_q, q.shape[0], "max_seqlen_q", max_q),
+                                         ("cu_seqlens_k", cu_k, k.shape[0], "max_seqlen_k", max_k)):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D int32 tensor (batch + 1,), got "
+                             f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}"
+                             f"{tuple(cu.shape) if isinstance(cu, Tensor) else ''}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+        if not _is_int(mx) or not 0 <= mx <= _INT32_MAX:
+            raise ValueError(f"{mx_name} must be an int in [0, 2**31 - 1], got {mx!r}")
+    if cu_k.numel() != cu_q.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+                         f"got {cu_q.numel()} and {cu_k.numel()}")
+    if torch.compiler.is_compiling():
+        return max_q, max_k
+    for name, cu, total, mx_name, mx in (("cu_seqlens_q", cu_q, q.shape[0], "max_seqlen_q", max_q),
+                                         ("cu_seqlens_k", cu_k, k.shape[0], "max_seqlen_k", max_k)):
+        c = cu.cpu().long()
+        lengths = c[1:] - c[:-1]
+        if int(c[0]) != 0 or bool((lengths < 0).any()) or int(c[-1]) != total:
+            shown = c.tolist() if c.numel() <= 16 else f"{c[:8].tolist()} ... {c[-8:].tolist()}"
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total} (the packed "
+                             f"length), got {shown}")
+        if int(lengths.max()) > mx:
+            raise ValueError(f"{mx_name} {mx} is below the longest sequence in {name} ({int(lengths.max())})")
+        longest.append(int(lengths.max()))
+    return longest[0], longest[1]
 
 
 def _window(causal: bool, window_size) -> tuple[int, int]:
@@ -260,11 +319,12 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- public API
 
 
-def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
-               deterministic, return_attn_probs, backend, seqused_k=None):
-    """Validation, backend choice and the call, for every public entry point. seqused_k
-    (flash_attn_with_kvcache only, no gradients): sequence b uses its first seqused_k[b] keys."""
-    _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale)
+def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
+             deterministic, backend, names=("q", "k", "v")) -> tuple:
+    """Every check and the backend choice, with no side effect: (backend name, scale, window
+    left, right, max_q, max_k) for _run. flash_attn_with_kvcache calls it before writing into
+    the caches, so a call that fails leaves them untouched."""
+    max_q, max_k = _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale, names)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     wl, wr = _window(causal, window_size)
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -274,10 +334,17 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
                                                             backward=backward)
                                               if n in ("cuda", "cuda-emu")
                                               else _why_not_cpu() if n == "cpu" else None))
+    return name, scale, wl, wr, max_q, max_k
+
+
+def _run(plan, q, k, v, cu_q, cu_k, dropout_p, softcap, return_attn_probs, seqused_k=None):
+    """The call, after _prepare. seqused_k (flash_attn_with_kvcache only, no gradients):
+    sequence b uses its first seqused_k[b] keys."""
+    name, scale, wl, wr, max_q, max_k = plan
+    if cu_q is None:  # dense: the shapes of what is passed (flash_attn_with_kvcache: the caches' prefixes)
+        max_q, max_k = q.shape[1], k.shape[1]
     # The dropout seed comes from torch's default generator: torch.manual_seed reproduces it.
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-    if cu_q is None:
-        max_q, max_k = q.shape[1], k.shape[1]
     if name == "ref":  # plain PyTorch: autograd differentiates it directly
         out, lse = flash_attn_ref(q, k, v, softmax_scale=float(scale), window_size=(wl, wr), softcap=float(softcap),
                                   dropout_p=float(dropout_p), seed=seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
@@ -292,6 +359,14 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, caus
     # The triton and cpu backwards are deterministic (no atomics); cuda and cuda-emu are excluded
     # above when asked.
     return (out, lse, None) if return_attn_probs else out
+
+
+def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
+               deterministic, return_attn_probs, backend):
+    """Validation, backend choice and the call, for flash_attn_func / _varlen_func."""
+    plan = _prepare(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
+                    deterministic, backend)
+    return _run(plan, q, k, v, cu_q, cu_k, dropout_p, softcap, return_attn_probs)
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
@@ -332,8 +407,21 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale
                            softcap, deterministic, return_attn_probs, backend=backend)
 
 
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    """[first, last + 1) addresses of the bytes t can touch (a superset for strided views)."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.nbytes
+    if t.numel() == 0:
+        return start, start
+    last = 0
+    for n, st in zip(t.shape, t.stride()):
+        last += (n - 1) * st
+    return start, start + (last + 1) * t.element_size()
+
+
 def _cache_seqlens(cache_seqlens, batch: int, device) -> Tensor | int | None:
-    if cache_seqlens is None or isinstance(cache_seqlens, int):
+    if cache_seqlens is None or _is_int(cache_seqlens):
         return cache_seqlens
     if (not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32
             or tuple(cache_seqlens.shape) != (batch,)):
@@ -361,6 +449,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
     be None). Inference only: inputs that require grad are refused. Returns out, or (out, lse)
     with return_softmax_lse (lse fp32 (batch, heads, seqlen_q)).
     """
+    # Everything is checked first (shapes, dtypes, devices, lengths, scalars, the backend): a
+    # call that raises leaves the caches byte-identical.
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor (batch, seqlen, heads, head_dim), got "
@@ -377,11 +467,18 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
                          "(an input requires grad)")
     new = 0
     if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{name} (the new {'keys' if name == 'k' else 'values'}) must be a Tensor or None, "
+                                 f"got {type(t).__name__}")
         if k.dim() != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
             raise ValueError(f"k and v must be (batch, seqlen_new, kv_heads, head_dim) = ({batch}, n, "
                              f"{k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(k.shape)} and {tuple(v.shape)}")
         if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
             raise ValueError(f"k and v must have the caches' dtype {k_cache.dtype}, got {k.dtype} and {v.dtype}")
+        for name, t in (("k", k), ("v", v)):
+            if t.device != k_cache.device:
+                raise ValueError(f"{name} must be on the caches' device {k_cache.device}, got {t.device}")
         new = k.shape[1]
     lens = _cache_seqlens(cache_seqlens, batch, q.device)
     if lens is None:
@@ -397,6 +494,28 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
         if lo < 0 or hi + new > cache_len:
             raise ValueError(f"cache_seqlens + seqlen_new must be in [0, cache_len = {cache_len}], got "
                              f"cache_seqlens in [{lo}, {hi}] and seqlen_new {new}")
+    # The attention's own checks and the backend choice, on the whole caches (what the kernels
+    # are given below are prefixes or the same tensors: same dtype, strides and alignment).
+    plan = _prepare(q, k_cache, v_cache, None, None, None, None, 0.0, softmax_scale, causal, window_size, softcap,
+                    False, backend, names=("q", "k_cache", "v_cache"))
+    if k is not None and new and not torch.compiler.is_compiling():
+        # torch's rules for a written tensor: no element at two indices (an expand()ed cache would
+        # take every row's keys in one place), no written tensor sharing memory with what is
+        # read (the new k / v, the other cache, q, cache_seqlens).
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if torch._debug_has_internal_overlap(cache) == 1:
+                raise ValueError(f"{name} has elements sharing one memory location (an expand()ed or stride-0 "
+                                 f"tensor, strides {cache.stride()}): the new keys / values cannot be written into it")
+        # (Every tensor here is on one device: checked above.)
+        span = {name: _byte_range(t) for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+                                                      ("q", q), ("cache_seqlens", lens)) if isinstance(t, Tensor)}
+        for written in ("k_cache", "v_cache"):
+            for read in span:
+                if read != written and (read, written) != ("k_cache", "v_cache"):
+                    (a0, a1), (b0, b1) = span[written], span[read]
+                    if a0 < b1 and b0 < a1:
+                        raise ValueError(f"{written} shares memory with {read}: writing the new keys / values "
+                                         "would overwrite what the call reads")
     if k is not None and new:
         if isinstance(lens, int):
             k_cache[:, lens:lens + new] = k
@@ -410,6 +529,5 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
         k_cache, v_cache, used = k_cache[:, :lens + new], v_cache[:, :lens + new], None
     else:
         used = lens + new if new else lens
-    out, lse, _ = _attention(q, k_cache, v_cache, None, None, None, None, 0.0, softmax_scale, causal, window_size,
-                             softcap, False, True, backend, seqused_k=used)
+    out, lse, _ = _run(plan, q, k_cache, v_cache, None, None, 0.0, softcap, True, seqused_k=used)
     return (out, lse) if return_softmax_lse else out

@@ -53,9 +53,39 @@ def rotary_cos_sin(
 
 # --------------------------------------------------------------------------- validation
 
+_INT32_MAX = 2**31 - 1
 
-def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved) -> None:
-    """Raise ValueError naming the bad argument."""
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    """[first, last + 1) addresses of the bytes t can touch (a superset for strided views)."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.nbytes
+    if t.numel() == 0:
+        return start, start
+    last = 0
+    for n, st in zip(t.shape, t.stride()):
+        last += (n - 1) * st
+    return start, start + (last + 1) * t.element_size()
+
+
+def _may_overlap(a: Tensor, b: Tensor) -> bool:
+    """a and b touch a common address (conservative: two interleaved views that never touch the
+    same element still count). Cheap: no storage objects, a few integer operations."""
+    if a.device != b.device:
+        return False
+    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved, inplace=False) -> int | None:
+    """Raise ValueError naming the bad argument. Returns the max_seqlen the kernels should use
+    with cu_seqlens: the longest sequence (read back from cu_seqlens; max_seqlen under
+    torch.compile, where nothing is read back), so a max_seqlen far above it costs nothing."""
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -70,6 +100,8 @@ def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
     if sin.shape != cos.shape:
         raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    if cos.shape[0] > _INT32_MAX:
+        raise ValueError(f"cos/sin have {cos.shape[0]} rows, more than the kernels index (2**31 - 1)")
     if cu_seqlens is None:
         if x.dim() != 4:
             raise ValueError(f"x must be (batch, seqlen, heads, head_dim), got shape {tuple(x.shape)}"
@@ -87,8 +119,8 @@ def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved
                              f"{tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else ''}")
         if cu_seqlens.device != x.device:
             raise ValueError(f"cu_seqlens must be on x's device {x.device}, got {cu_seqlens.device}")
-        if max_seqlen is None or not isinstance(max_seqlen, int) or max_seqlen < 0:
-            raise ValueError(f"max_seqlen must be a non-negative int with cu_seqlens, got {max_seqlen!r}")
+        if not _is_int(max_seqlen) or not 0 <= max_seqlen <= _INT32_MAX:
+            raise ValueError(f"max_seqlen must be an int in [0, 2**31 - 1] with cu_seqlens, got {max_seqlen!r}")
         batch, seqlen = cu_seqlens.numel() - 1, max_seqlen
     head_dim = x.shape[-1]
     rotary_dim = 2 * cos.shape[1]
@@ -103,22 +135,39 @@ def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved
                              f"{seqlen_offsets.dtype}{tuple(seqlen_offsets.shape)}")
         if seqlen_offsets.device != x.device:
             raise ValueError(f"seqlen_offsets must be on x's device {x.device}, got {seqlen_offsets.device}")
-    elif not isinstance(seqlen_offsets, int) or seqlen_offsets < 0:
+    elif not _is_int(seqlen_offsets) or seqlen_offsets < 0:
         raise ValueError(f"seqlen_offsets must be a non-negative int or a (batch,) tensor, got {seqlen_offsets!r}")
 
+    if inplace and not torch.compiler.is_compiling():
+        # torch's rule for in-place ops: the written tensor must not have two elements at one
+        # address (an expand()ed x would be rotated once per alias), nor share memory with an input.
+        if torch._debug_has_internal_overlap(x) == 1:
+            raise ValueError(f"inplace=True needs an x whose elements have distinct memory locations; x of shape "
+                             f"{tuple(x.shape)} and strides {x.stride()} has overlapping elements (an expand()ed or "
+                             "stride-0 tensor): pass inplace=False or x.clone()")
+        for name, t in (("cos", cos), ("sin", sin), ("cu_seqlens", cu_seqlens), ("seqlen_offsets", seqlen_offsets)):
+            if isinstance(t, Tensor) and _may_overlap(x, t):
+                raise ValueError(f"inplace=True: x shares memory with {name}; the rotation would overwrite it "
+                                 "while reading it")
+
     if not torch.compiler.is_compiling():
-        _check_positions(cos.shape[0], batch, seqlen, seqlen_offsets, cu_seqlens)
+        longest = _check_positions(cos.shape[0], batch, seqlen, seqlen_offsets, cu_seqlens, x.shape[0])
+        if cu_seqlens is not None:
+            return longest
+    return max_seqlen if cu_seqlens is not None else None
 
 
-def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens) -> None:
-    """Every position read must exist in cos/sin. (Reads tensors back to the host: on a GPU this
-    syncs once; it is what keeps a too-short cache from reading out of bounds.)"""
+def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens, rows) -> int:
+    """Every row of x is covered exactly once and every position read exists in cos/sin.
+    (Reads tensors back to the host: on a GPU this syncs once; it is what keeps a bad
+    cu_seqlens or a too-short cache from reading or writing out of bounds.) Returns the
+    longest sequence."""
     if cu_seqlens is None and not isinstance(seqlen_offsets, Tensor):  # plain ints: no tensor work
         need = seqlen_offsets + seqlen if batch and seqlen else 0
         if need > seqlen_ro:
             raise ValueError(f"cos/sin have {seqlen_ro} rows but seqlen + seqlen_offsets needs {need}; "
                              "build a longer cache with rotary_cos_sin")
-        return
+        return seqlen
     if cu_seqlens is None:  # dense with per-row offsets (batched decoding): one small read-back
         offs = seqlen_offsets.tolist()
         if min(offs, default=0) < 0:
@@ -127,16 +176,16 @@ def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens) -> No
         if need > seqlen_ro:
             raise ValueError(f"cos/sin have {seqlen_ro} rows but seqlen + seqlen_offsets needs {need}; "
                              "build a longer cache with rotary_cos_sin")
-        return
-    if cu_seqlens is not None:
-        cu = cu_seqlens.cpu().long()
-        lengths = cu[1:] - cu[:-1]
-        if cu[0] != 0 or bool((lengths < 0).any()):
-            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu.tolist()}")
-        if int(lengths.max()) > seqlen:
-            raise ValueError(f"max_seqlen={seqlen} is smaller than the longest sequence ({int(lengths.max())})")
-    else:
-        lengths = torch.full((batch,), seqlen, dtype=torch.long)
+        return seqlen
+    cu = cu_seqlens.cpu().long()
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or bool((lengths < 0).any()) or int(cu[-1]) != rows:
+        shown = cu.tolist() if cu.numel() <= 16 else f"{cu[:8].tolist()} ... {cu[-8:].tolist()}"
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at {rows} (the rows of x), "
+                         f"got {shown}")
+    longest = int(lengths.max())
+    if longest > seqlen:
+        raise ValueError(f"max_seqlen={seqlen} is smaller than the longest sequence in cu_seqlens ({longest})")
     if isinstance(seqlen_offsets, Tensor):
         off = seqlen_offsets.cpu().long()
         if bool((off < 0).any()):
@@ -147,6 +196,7 @@ def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens) -> No
     if need > seqlen_ro:
         raise ValueError(f"cos/sin have {seqlen_ro} rows but seqlen + seqlen_offsets needs {need}; "
                          "build a longer cache with rotary_cos_sin")
+    return longest
 
 
 # --------------------------------------------------------------------------- ops
@@ -253,11 +303,16 @@ def apply_rotary(
     inplace: write into x (and return it).
     seqlen_offsets: position of each sequence's first token: an int, or a (batch,) int tensor
        (KV-cache decoding). Token t uses row t + offset of cos/sin.
+    cu_seqlens must start at 0, be non-decreasing and end at total_tokens (every row of x is in
+       exactly one sequence); max_seqlen is an int >= the longest sequence (the kernels are
+       given the longest, so a larger value costs nothing). inplace=True refuses an x whose
+       elements share memory (expand()ed, stride 0) or that shares memory with cos / sin, as
+       torch's in-place ops do. Every check runs before any backend is called.
     backend: "cuda", "cuda-emu", "triton", "cpu" or "ref" (default: PHI_KERNELS_BACKEND, else the
        fastest available for x's device; "cuda-emu" only when asked for).
     Returns the rotated tensor; dims past rotary_dim are unchanged. Differentiable w.r.t. x.
     """
-    _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved)
+    kernel_max_seqlen = _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved, inplace)
     name = resolve_backend("apply_rotary", x.device, backend)
     if name == "ref":
         out = apply_rotary_ref(x, cos, sin, interleaved=interleaved, seqlen_offsets=seqlen_offsets,
@@ -267,7 +322,7 @@ def apply_rotary(
         offsets_t, offset = seqlen_offsets.to(torch.int32).contiguous(), 0
     else:
         offsets_t, offset = None, seqlen_offsets
-    max_len = x.shape[1] if cu_seqlens is None else max_seqlen
+    max_len = x.shape[1] if cu_seqlens is None else kernel_max_seqlen
     cos, sin = cos.contiguous(), sin.contiguous()
     if not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling():
         # No autograd, no tracing (decoding, evaluation): launch directly; the custom op's
@@ -299,6 +354,8 @@ def apply_rotary_qkv(
     if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError("qkv must be (batch, seqlen, 3, heads, head_dim), got "
                          f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    if qkv.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"qkv must be float32, float16 or bfloat16, got {qkv.dtype}")
     b, s, _, h, d = qkv.shape
     if not inplace:
         qkv = qkv.clone(memory_format=torch.contiguous_format)

@@ -219,7 +219,7 @@ def _bad():
                                                                  torch.tensor([0, 5, 3, 8], dtype=torch.int32), 5, 5),
          "non-decreasing"),
         ("cu_seqlens wrong total", lambda: flash_attn_varlen_func(p, p, p, cu[:2], cu[:2], 3, 3), "end at 8"),
-        ("max_seqlen too small", lambda: flash_attn_varlen_func(p, p, p, cu, cu, 4, 5), "max_seqlen 4"),
+        ("max_seqlen too small", lambda: flash_attn_varlen_func(p, p, p, cu, cu, 4, 5), "max_seqlen_q 4"),
         ("dropout 1", lambda: flash_attn_func(q, kv, kv, dropout_p=1.0), "dropout_p"),
         ("bad window", lambda: flash_attn_func(q, kv, kv, window_size=(-2, 0)), "window_size"),
         ("negative softcap", lambda: flash_attn_func(q, kv, kv, softcap=-1.0), "softcap"),

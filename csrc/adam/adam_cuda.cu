@@ -4,7 +4,14 @@
 #include "adam/adam_kernel.cuh"
 #include "common/cuda_runtime.cuh"
 
+#include <string>
+
 namespace phi {
+
+template <typename T> struct Dtype_name;
+template <> struct Dtype_name<float> { static constexpr const char* value = "float"; };
+template <> struct Dtype_name<__half> { static constexpr const char* value = "half"; };
+template <> struct Dtype_name<__nv_bfloat16> { static constexpr const char* value = "bfloat16"; };
 
 template <typename T, bool kAmsgrad, bool kMaster>
 void adam_cuda_typed(const Adam_tensor_lists& l, const Adam_hparams& h, const Adam_device_scalars& s,
@@ -14,8 +21,10 @@ void adam_cuda_typed(const Adam_tensor_lists& l, const Adam_hparams& h, const Ad
       reinterpret_cast<void* const*>(l.exp_avg_sqs),
       kAmsgrad ? reinterpret_cast<void* const*>(l.max_exp_avg_sqs) : nullptr,
       kMaster ? reinterpret_cast<void* const*>(l.masters) : nullptr};
+  static const std::string name = std::string("adam_kernel<") + Dtype_name<T>::value + (kAmsgrad ? ", amsgrad" : "") +
+                                  (kMaster ? ", master" : "") + ">";
   multi_tensor_apply(l.n_tensors, lists, l.numels, [&](const Mta_table& table, int n_blocks) {
-    launch_kernel("adam_kernel", adam_kernel<T, kAmsgrad, kMaster>, dim3(n_blocks), dim3(kAdamThreads), 0, stream,
+    launch_kernel(name.c_str(), adam_kernel<T, kAmsgrad, kMaster>, dim3(n_blocks), dim3(kAdamThreads), 0, stream,
                   table, h, s);
   });
 }

@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <climits>
+#include <cmath>
 #include <optional>
 #include <string>
 #include <utility>
@@ -29,6 +31,26 @@ inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& 
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in head_dim (last dim)");
 }
 
+// cu_seqlens in host memory (the CPU kernels, and the CUDA kernels under the SIMT emulator):
+// the kernels index rows through them, so they must start at 0, be non-decreasing with lengths
+// within max_seqlen, and end at the packed row counts of q and k. (On a GPU the glue cannot read
+// them without a device sync; the Python API checks the same before the launch.)
+inline void check_cu_seqlens_host(const Flash_params& p, int64_t total_k) {
+  const int32_t* cq = p.cu_seqlens_q;
+  const int32_t* ck = p.cu_seqlens_k;
+  TORCH_CHECK(cq[0] == 0, "cu_seqlens_q must start at 0, got ", cq[0]);
+  TORCH_CHECK(ck[0] == 0, "cu_seqlens_k must start at 0, got ", ck[0]);
+  for (int b = 0; b < p.batch; ++b) {
+    const int64_t lq = int64_t(cq[b + 1]) - cq[b], lk = int64_t(ck[b + 1]) - ck[b];
+    TORCH_CHECK(lq >= 0 && lq <= p.seqlen_q, "cu_seqlens_q must be non-decreasing with lengths <= max_seqlen_q (",
+                p.seqlen_q, "), sequence ", b, " has ", lq);
+    TORCH_CHECK(lk >= 0 && lk <= p.seqlen_k, "cu_seqlens_k must be non-decreasing with lengths <= max_seqlen_k (",
+                p.seqlen_k, "), sequence ", b, " has ", lk);
+  }
+  TORCH_CHECK(cq[p.batch] == p.total_q, "cu_seqlens_q must end at the ", p.total_q, " rows of q, got ", cq[p.batch]);
+  TORCH_CHECK(ck[p.batch] == total_k, "cu_seqlens_k must end at the ", total_k, " rows of k, got ", ck[p.batch]);
+}
+
 inline Flash_params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
                          int64_t max_q, int64_t max_k, double scale, int64_t window_left, int64_t window_right,
@@ -48,7 +70,12 @@ inline Flash_params make_params(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "heads (", heads, ") must be a multiple of kv_heads (", kv_heads, ")");
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "window sizes must be >= -1");
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1)");
-  TORCH_CHECK(softcap >= 0 && scale > 0, "softcap must be >= 0 and softmax_scale > 0");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be finite and >= 0 (0 disables it), got ", softcap);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "softmax_scale must be finite and > 0, got ", scale);
+  TORCH_CHECK(std::isfinite(float(scale)) && float(scale) > 0 && std::isfinite(float(softcap)),
+              "softmax_scale and softcap must be representable as positive finite float32, got ", scale, " and ",
+              softcap);
+  TORCH_CHECK(window_left <= INT_MAX && window_right <= INT_MAX, "window sizes must be <= 2^31 - 1");
 
   Flash_params p{};
   p.q = device_ptr(q, "q");
@@ -70,7 +97,8 @@ inline Flash_params make_params(const at::Tensor& q, const at::Tensor& k, const 
       PHI_CHECK_DEVICE((*cu), q);
     }
     TORCH_CHECK(cu_q->numel() == cu_k->numel(), "cu_seqlens_q and cu_seqlens_k must have the same length");
-    TORCH_CHECK(max_q >= 0 && max_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0");
+    TORCH_CHECK(max_q >= 0 && max_k >= 0 && max_q <= INT_MAX && max_k <= INT_MAX,
+                "max_seqlen_q and max_seqlen_k must be in [0, 2^31 - 1], got ", max_q, " and ", max_k);
     p.cu_seqlens_q = device_ptr<int32_t>(*cu_q, "cu_seqlens_q");
     p.cu_seqlens_k = device_ptr<int32_t>(*cu_k, "cu_seqlens_k");
     p.batch = int(cu_q->numel() - 1);
@@ -78,6 +106,7 @@ inline Flash_params make_params(const at::Tensor& q, const at::Tensor& k, const 
     p.seqlen_k = int(max_k);
     p.total_q = int(q.size(0));
     PHI_CHECK_SHAPE(lse, heads, q.size(0));
+    if (q.is_cpu()) check_cu_seqlens_host(p, k.size(0));
   } else {
     TORCH_CHECK(k.size(0) == q.size(0), "q and k must have the same batch size");
     p.batch = int(q.size(0));
@@ -123,6 +152,13 @@ inline void add_seqused_k(Flash_params& p, const std::optional<at::Tensor>& sequ
               s.scalar_type(), s.sizes());
   PHI_CHECK_DEVICE(s, q);
   p.seqused_k = device_ptr<int32_t>(s, "seqused_k");
+  if (s.is_cpu()) {  // host memory (CPU kernels, SIMT emulator): the kernels index keys through it
+    for (int b = 0; b < p.batch; ++b) {
+      const int64_t avail = p.is_varlen() ? int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b] : p.seqlen_k;
+      TORCH_CHECK(p.seqused_k[b] >= 0 && p.seqused_k[b] <= avail, "seqused_k[", b, "] = ", p.seqused_k[b],
+                  " must be in [0, ", avail, "] (the keys sequence ", b, " has)");
+    }
+  }
 }
 
 inline void check_cuda_supported(const Flash_params& p, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {

@@ -82,6 +82,12 @@ PHI_HOST_DEVICE float softcap_grad(float capped, float softcap) {
 // exp2(s - m). A new tile with max m_tile rescales the old sum and output by
 // exp2(m_old - m_new). All-masked rows keep m = -inf; comparing against -inf instead of
 // subtracting it avoids the NaN of (-inf) - (-inf).
+//
+// Non-finite inputs (the rule every backend and the oracle follow): a key a row cannot see
+// (masked by causal / window / seqused_k / the sequence end) never affects that row, whatever
+// its k and v hold; a NaN the row sees (in its q, or in the k of a visible key) makes the whole
+// output row and its LSE NaN, a NaN in v[j][c] of a visible key j makes out[row][c] NaN. A row
+// that sees no key outputs 0 (LSE +inf) whatever its q holds.
 
 struct OnlineSoftmax {
   float max = -kInf;  // running max of scores * log2(e)
@@ -97,17 +103,21 @@ struct OnlineSoftmax {
     return factor;
   }
 
-  // exp2 of a (log2-scaled) score relative to the running max; 0 for masked scores.
+  // exp2 of a (log2-scaled) score relative to the running max; 0 for masked scores. A NaN
+  // score (NaN in q or in a visible key) stays NaN: the max skips NaNs (fmaxf), so a row whose
+  // every visible score is NaN still has max == -inf, and must not pass for a row that sees
+  // no key.
   PHI_HOST_DEVICE float prob(float score_log2) const {
-    return max == -kInf ? 0.f : exp2f(score_log2 - max);
+    return max == -kInf ? (score_log2 != score_log2 ? score_log2 : 0.f) : exp2f(score_log2 - max);
   }
 
-  // 1 / sum, the output's final scale; 0 for rows that saw no key (their output is 0).
-  PHI_HOST_DEVICE float inv_sum() const { return sum > 0.f ? 1.f / sum : 0.f; }
+  // 1 / sum, the output's final scale; 0 for rows that saw no key (their output is 0); NaN
+  // when a visible score was NaN (the whole row is then NaN, as the oracle's).
+  PHI_HOST_DEVICE float inv_sum() const { return sum > 0.f ? 1.f / sum : (sum != sum ? sum : 0.f); }
 
   // Natural-log LSE of the row's scaled scores; +inf for a row that saw no key, so that the
-  // backward's exp(s - lse) is 0 there.
-  PHI_HOST_DEVICE float lse() const { return sum > 0.f ? (max + log2f(sum)) / kLog2e : kInf; }
+  // backward's exp(s - lse) is 0 there; NaN for a row that saw a NaN score.
+  PHI_HOST_DEVICE float lse() const { return sum > 0.f ? (max + log2f(sum)) / kLog2e : (sum != sum ? sum : kInf); }
 };
 
 // Probability of a (scaled, capped) score from the forward's LSE, in the backward.

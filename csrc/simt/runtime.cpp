@@ -430,7 +430,15 @@ void release_barrier(Worker& w) {
 
 extern "C" void phi_simt_fiber_main(Thread* t) {
   Worker& w = worker();
-  w.launch->thunk(w.launch->ctx);
+  std::string thrown;
+  try {
+    w.launch->thunk(w.launch->ctx);
+  } catch (const std::exception& e) {  // e.g. out of memory in the emulator's bookkeeping
+    thrown = e.what();
+  }
+  // Leave the handler before leaving the fiber: the C++ runtime's caught-exception stack
+  // belongs to the OS thread, which the other fibers share.
+  if (!thrown.empty()) fail_in_fiber(format(where(w, t->tid), ": exception in the emulator: ", thrown));
   // The thread returned from the kernel.
   for (Copy& c : t->copies) {  // in-flight copies die with the CTA's shared memory
     for (uint32_t wd = c.dst / 4; wd < c.dst / 4 + 4; ++wd) w.shadow[wd].pending = kNoThread;

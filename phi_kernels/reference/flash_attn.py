@@ -9,7 +9,12 @@ flash_attn_func and the tests' oracle. Same semantics as the kernels:
 - dropout on the probabilities, kept with probability 1 - p and scaled by 1 / (1 - p), the
   mask drawn by `dropout_keep_mask` from (seed, batch * heads + head, row, col), the same hash
   the kernels use, so the reference reproduces a kernel's mask exactly;
-- a row with no visible key outputs 0 and has LSE = +inf (so exp(s - lse) = 0 in a backward).
+- a row with no visible key outputs 0 and has LSE = +inf (so exp(s - lse) = 0 in a backward);
+- non-finite inputs: a key a row cannot see never affects that row, whatever its k and v hold
+  (NaN included); a NaN the row sees, in its q or in the k of a visible key, makes its whole
+  output row and its LSE NaN; a NaN in v[j, c] of a visible key j makes out[row, c] NaN
+  (flash_math.h states the same rule for the kernels). Dropout does not hide a key: a dropped
+  visible key still counts as seen.
 """
 from __future__ import annotations
 
@@ -68,8 +73,10 @@ def _attention(q, k, v, scale, window, softcap, dropout_p, seed, bh_offset, comp
         s = softcap * torch.tanh(s / softcap)
     left, right = window
     # Mask only when some row misses some key (decoding with sq = 1 under causal sees every key).
+    visible = None
     if 0 <= right < sq - 1 or 0 <= left < sk - 1:
-        s = s.masked_fill(~_visible(sq, sk, window, q.device), float("-inf"))
+        visible = _visible(sq, sk, window, q.device)
+        s = s.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, sq); -inf for empty rows
     empty = torch.isneginf(lse)
     p = torch.exp(s - lse.masked_fill(empty, 0).unsqueeze(-1)).masked_fill(empty.unsqueeze(-1), 0)
@@ -78,7 +85,13 @@ def _attention(q, k, v, scale, window, softcap, dropout_p, seed, bh_offset, comp
         keep = dropout_keep_mask(seed, bh, torch.arange(sq, device=q.device).view(1, 1, sq, 1),
                                  torch.arange(sk, device=q.device).view(1, 1, 1, sk), dropout_p)
         p = torch.where(keep, p / (1 - dropout_p), torch.zeros((), dtype=p.dtype, device=p.device))
-    out = (p @ vf).transpose(1, 2)  # (B, sq, H, D)
+    # A masked key has p = 0, but 0 * NaN = NaN: with a non-finite v, sum each row's visible
+    # keys only (materialises (sq, sk, d); rare). Not under torch.compile (a data-dependent branch).
+    if visible is None or torch.compiler.is_compiling() or bool(torch.isfinite(vf).all()):
+        out = p @ vf
+    else:
+        out = torch.where(visible[..., None], p[..., None] * vf[:, :, None], 0).sum(-2)
+    out = out.transpose(1, 2)  # (B, sq, H, D)
     return out, lse.masked_fill(empty, math.inf)
 
 
