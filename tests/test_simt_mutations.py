@@ -1,5 +1,7 @@
 """The SIMT emulator bites: deliberately broken copies of the CUDA flash attention kernels must
-each be caught, by an emulator error or by a wrong result against fp64.
+each be caught, by an emulator error or by a wrong result against fp64; and its runtime's own
+checks (csrc/tests/simt_runtime_check.cpp: shuffles, atomics, deadlock, divergence, launch
+limits, bounds, races) each fire.
 
 Every case copies csrc/ to a temporary folder, applies one textual mutation to a kernel or
 header, compiles csrc/tests/simt_flash_check.cpp (fp16, head_dim 64, forward + backward,
@@ -110,3 +112,12 @@ def test_mutation_is_detected(tmp_path, runtime_object, name):
     res = _build_and_run(tmp_path, runtime_object, MUTATIONS[name])
     assert res.returncode in (1, 2), f"mutation {name} went undetected:\n{res.stdout}{res.stderr}"
     print(f"{name}: {res.stdout.strip()}")
+
+
+def test_runtime_checks(tmp_path, runtime_object):
+    exe = tmp_path / "simt_runtime_check"
+    subprocess.run([CXX, *FLAGS, f"-I{CSRC}", f"-I{CUDA_INCLUDE}", str(CSRC / "tests" / "simt_runtime_check.cpp"),
+                    str(runtime_object), "-o", str(exe)], check=True, timeout=600, capture_output=True)
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "0 failed" in res.stdout, res.stdout + res.stderr
+    assert res.stdout.count("\nok ") + res.stdout.startswith("ok ") >= 15, res.stdout
