@@ -17,7 +17,9 @@ Environment knobs (all optional):
   MAX_JOBS                parallel compile jobs (ninja)
   PHI_KERNELS_CUDA=0      skip the CUDA sources (CPU kernels only; a fast build for development)
   PHI_KERNELS_SIMT=0      skip the SIMT emulator (phi_kernels._simt)
-  PHI_KERNELS_CPU_ARCH    -march for the CPU kernels, default "native" (the build machine's ISA)
+  PHI_KERNELS_CPU_ARCH    -march of the C++ code, default "x86-64" (loads on any x86-64 CPU; the
+                          CPU kernels are also built for AVX2 and AVX-512 and picked at run time,
+                          PHI_KERNELS_CPU_CAPABILITY=baseline|avx2|avx512 overrides the choice)
 """
 import glob
 import os
@@ -115,19 +117,22 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 with_cuda = _want_cuda(cuda_home)
 
+# The CPU kernels (csrc/<op>/*_cpu.cpp) are compiled once per capability by the wrappers in
+# csrc/cpu_isa (baseline, AVX2, AVX-512; the running CPU picks one), not directly.
 cpp_sources = sorted(
     os.path.relpath(p, ROOT)
     for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
-    if os.sep + "tests" + os.sep not in p and os.sep + "simt" + os.sep not in p
+    if os.sep + "tests" + os.sep not in p and os.sep + "simt" + os.sep not in p and not p.endswith("_cpu.cpp")
 )
 simt_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "simt", "*.cpp")))
 cu_sources = sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
 )
 
-cpu_arch = os.environ.get("PHI_KERNELS_CPU_ARCH", "native")
+cpu_arch = os.environ.get("PHI_KERNELS_CPU_ARCH", "x86-64")
 # -fno-math-errno: sqrtf must not set errno, or GCC will not vectorize loops that call it.
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp", f"-march={cpu_arch}", "-fno-math-errno", "-Wno-unused-function"]
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", f"-march={cpu_arch}", "-fno-math-errno", "-Wno-unused-function",
+             "-Wno-psabi"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 

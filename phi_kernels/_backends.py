@@ -87,7 +87,9 @@ def backend_status(name: str, device: torch.device | str | None = None) -> Backe
         if dev != "cpu":
             return BackendStatus(name, False, f"runs on CPU tensors only, got {dev} tensors")
         err = _extension.load_error()
-        return BackendStatus(name, err is None, err or "C++ kernels in phi_kernels._C")
+        if err is not None:
+            return BackendStatus(name, False, err)
+        return BackendStatus(name, True, f"C++ kernels in phi_kernels._C ({_extension.cpu_capability_description()})")
     if name == "cuda-emu":
         if dev != "cpu":
             return BackendStatus(name, False, f"runs on CPU tensors only, got {dev} tensors")

@@ -80,3 +80,16 @@ def emu_load_error() -> str | None:
 def emu_has_kernel(op: str) -> bool:
     """Whether phi_kernels._simt registered `phi_kernels_emu::<op>` for CPU tensors."""
     return op in _EMU_KERNELS
+
+
+def cpu_capability_description() -> str:
+    """The CPU kernels' instruction set now and what this CPU supports, e.g. "avx512; this CPU
+    supports baseline, avx2, avx512" (csrc/cpu_isa: chosen by cpuid, or PHI_KERNELS_CPU_CAPABILITY)."""
+    if LOAD_ERROR is not None or not hasattr(torch.ops.phi_kernels, "cpu_capability"):
+        return "capability unknown"
+    supported = ", ".join(torch.ops.phi_kernels.cpu_capabilities())
+    try:
+        active = torch.ops.phi_kernels.cpu_capability()
+    except RuntimeError as e:  # PHI_KERNELS_CPU_CAPABILITY names something this CPU lacks
+        return f"{str(e).splitlines()[0]}; this CPU supports {supported}"
+    return f"{active}; this CPU supports {supported}"

@@ -6,8 +6,9 @@
 // and the backward's dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ += dS K) reads its B operand
 // as contiguous rows of an untransposed tile, the softmax statistics of the queries are
 // vectors along a row of S^T, and only Q and dO get transposed, once per head. One
-// register-blocked micro-kernel (tile_gemm) does every product: an 8 x 32 fp32 accumulator
-// block (16 AVX-512 registers), each loaded B vector feeding 8 FMAs. Tiles are zero-padded
+// register-blocked micro-kernel (tile_gemm) does every product, its accumulator block sized for
+// the ISA it is compiled for (8 x 32 fp32 in 16 AVX-512 registers, each loaded B vector feeding
+// 8 FMAs; 4 x 16 in 8 AVX2 registers; see kGemmRows). Tiles are zero-padded
 // (head_dim to a multiple of 32), and masked or padded scores get probability 0, so padding
 // never reaches an output.
 //
@@ -40,6 +41,21 @@ int round_up(int x, int m) { return (x + m - 1) / m * m; }
 // moves. (Going through memcpy instead makes GCC keep the accumulators on the stack: 4.5x slower.)
 typedef float Vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 
+// The register block of tile_gemm, sized for the ISA this file is compiled for (the wrappers in
+// csrc/cpu_isa set these): kGemmRows x kGemmVecs vectors of kVecFloats fp32 accumulators plus
+// kGemmVecs B vectors must fit the register file: AVX-512 8 x 2 ZMM (+2) of 32; AVX2 4 x 2 YMM
+// (+2) of 16; SSE 4 x 2 XMM (+2) of 16. (A Vec16 block on AVX2 needs 32 YMM: it spills, 20x slower.)
+#ifndef PHI_CPU_VEC_FLOATS
+#define PHI_CPU_VEC_FLOATS 16
+#define PHI_CPU_GEMM_ROWS 8
+#endif
+constexpr int kVecFloats = PHI_CPU_VEC_FLOATS;
+constexpr int kGemmRows = PHI_CPU_GEMM_ROWS;
+constexpr int kGemmVecs = 2;  // (8 x 1 on AVX2 measured slower than 4 x 2)
+constexpr int kGemmCols = kGemmVecs * kVecFloats;
+static_assert(kMicroRows % kGemmRows == 0 && kMicroCols % kGemmCols == 0, "register blocks tile the padded tiles");
+typedef float VecN __attribute__((vector_size(4 * kVecFloats), aligned(4), may_alias));
+
 // C[r][c] (+)= sum_k A(r, k) * B[k * ldb + c], A(r, k) = a[r * a_row + k * a_col], for r < rows,
 // c < cols, k < depth; rows a multiple of kMicroRows, cols of kMicroCols (tiles are padded).
 // A is read one scalar at a time (broadcast), so it may be stored transposed at no cost; the
@@ -47,27 +63,27 @@ typedef float Vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 template <bool kAccumulate>
 void tile_gemm(const float* __restrict__ a, int a_row, int a_col, const float* __restrict__ b, int ldb,
                float* __restrict__ c, int ldc, int rows, int cols, int depth) {
-  static_assert(kMicroCols == 32, "two Vec16 per accumulator row");
-  for (int r0 = 0; r0 < rows; r0 += kMicroRows) {
-    for (int c0 = 0; c0 < cols; c0 += kMicroCols) {
-      Vec16 acc[kMicroRows][2];
-      for (int r = 0; r < kMicroRows; ++r) {
-        for (int v = 0; v < 2; ++v) {
-          acc[r][v] = kAccumulate ? *reinterpret_cast<const Vec16*>(c + (r0 + r) * ldc + c0 + 16 * v) : Vec16{};
+  for (int r0 = 0; r0 < rows; r0 += kGemmRows) {
+    for (int c0 = 0; c0 < cols; c0 += kGemmCols) {
+      VecN acc[kGemmRows][kGemmVecs];
+      for (int r = 0; r < kGemmRows; ++r) {
+        for (int v = 0; v < kGemmVecs; ++v) {
+          acc[r][v] = kAccumulate ? *reinterpret_cast<const VecN*>(c + (r0 + r) * ldc + c0 + kVecFloats * v) : VecN{};
         }
       }
       const float* arow = a + r0 * a_row;
       for (int k = 0; k < depth; ++k) {
-        const Vec16 b0 = *reinterpret_cast<const Vec16*>(b + k * ldb + c0);
-        const Vec16 b1 = *reinterpret_cast<const Vec16*>(b + k * ldb + c0 + 16);
-        for (int r = 0; r < kMicroRows; ++r) {
+        VecN bv[kGemmVecs];
+        for (int v = 0; v < kGemmVecs; ++v) bv[v] = *reinterpret_cast<const VecN*>(b + k * ldb + c0 + kVecFloats * v);
+        for (int r = 0; r < kGemmRows; ++r) {
           const float ar = arow[r * a_row + k * a_col];
-          acc[r][0] += ar * b0;
-          acc[r][1] += ar * b1;
+          for (int v = 0; v < kGemmVecs; ++v) acc[r][v] += ar * bv[v];
         }
       }
-      for (int r = 0; r < kMicroRows; ++r) {
-        for (int v = 0; v < 2; ++v) *reinterpret_cast<Vec16*>(c + (r0 + r) * ldc + c0 + 16 * v) = acc[r][v];
+      for (int r = 0; r < kGemmRows; ++r) {
+        for (int v = 0; v < kGemmVecs; ++v) {
+          *reinterpret_cast<VecN*>(c + (r0 + r) * ldc + c0 + kVecFloats * v) = acc[r][v];
+        }
       }
     }
   }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
 import torch
 from torch import Tensor
 
@@ -58,6 +60,9 @@ def adam_step_ref(
             torch.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
             v = max_exp_avg_sqs[i]
         denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        p32.addcdiv_(exp_avgs[i], denom, value=-step_size)
+        if step_size <= _FLOAT32_MAX:
+            p32.addcdiv_(exp_avgs[i], denom, value=-step_size)
+        else:  # addcdiv_ refuses a scalar beyond float32; the kernels' fp32 math gives inf, so does this
+            p32.sub_(exp_avgs[i] / denom * step_size)
         if p32.data_ptr() != p.data_ptr():
             p.copy_(p32)

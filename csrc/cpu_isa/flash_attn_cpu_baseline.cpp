@@ -1,0 +1,18 @@
+// flash_attn/flash_attn_cpu.cpp compiled for the x86-64 baseline; see cpu_isa/isa.h.
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+#include "cpu_isa/isa.h"
+#include "common/cpu_types.h"
+#include "flash_attn/flash.h"
+#include "flash_attn/flash_launch.h"
+
+#define PHI_CPU_VEC_FLOATS 4
+#define PHI_CPU_GEMM_ROWS 4
+#define flash_fwd_cpu flash_fwd_cpu_baseline
+#define flash_bwd_cpu flash_bwd_cpu_baseline
+#include "flash_attn/flash_attn_cpu.cpp"
