@@ -45,11 +45,30 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability() -> str:
+    """The instruction set our CPU kernels run with (csrc/cpu_isa; PHI_KERNELS_CPU_CAPABILITY)
+    and torch's own (ATEN_CPU_CAPABILITY), for comparing like with like."""
+    ours = torch.ops.phi_kernels.cpu_capability() if hasattr(torch.ops.phi_kernels, "cpu_capability") else "?"
+    return f"ours {ours}, torch {torch.backends.cpu.get_cpu_capability()}"
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return (f"CPU {_cpu_model()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+            f"{cpu_capability()})")
 
 
 def _synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
@@ -114,6 +133,7 @@ def bench(
         unit=unit,
         work_per_call=work,
         device=device_name(device),
+        cpu_capability=cpu_capability() if device.type == "cpu" else "",
         dtype=str(dtype).replace("torch.", ""),
         shape=str(shape),
         commit=git_commit(),

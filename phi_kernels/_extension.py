@@ -82,12 +82,23 @@ def emu_has_kernel(op: str) -> bool:
     return op in _EMU_KERNELS
 
 
+def _cpu_capabilities() -> tuple[str, ...]:
+    if LOAD_ERROR is not None or not hasattr(torch.ops.phi_kernels, "cpu_capabilities"):
+        return ()
+    return tuple(torch.ops.phi_kernels.cpu_capabilities())
+
+
+CPU_CAPABILITIES: tuple[str, ...] = _cpu_capabilities()  # what this CPU supports, fixed at import
+
+
 def cpu_capability_description() -> str:
     """The CPU kernels' instruction set now and what this CPU supports, e.g. "avx512; this CPU
     supports baseline, avx2, avx512" (csrc/cpu_isa: chosen by cpuid, or PHI_KERNELS_CPU_CAPABILITY)."""
-    if LOAD_ERROR is not None or not hasattr(torch.ops.phi_kernels, "cpu_capability"):
+    if not CPU_CAPABILITIES:
         return "capability unknown"
-    supported = ", ".join(torch.ops.phi_kernels.cpu_capabilities())
+    supported = ", ".join(CPU_CAPABILITIES)
+    if torch.compiler.is_compiling():  # the active one is read at each call; not while tracing
+        return f"this CPU supports {supported}"
     try:
         active = torch.ops.phi_kernels.cpu_capability()
     except RuntimeError as e:  # PHI_KERNELS_CPU_CAPABILITY names something this CPU lacks
