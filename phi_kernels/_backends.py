@@ -124,6 +124,13 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, Ba
     return {name: backend_status(name, device) for name in BACKENDS}
 
 
+def cpp_ops(backend: str):
+    """The torch.library namespace of the C++ ops behind a kernel backend: phi_kernels
+    (phi_kernels._C) for "cuda" and "cpu" (each op dispatches on the tensors' device),
+    phi_kernels_emu (phi_kernels._simt, the same schemas) for "cuda-emu"."""
+    return torch.ops.phi_kernels_emu if backend == "cuda-emu" else torch.ops.phi_kernels
+
+
 def resolve_backend(
     op: str,
     device: torch.device,

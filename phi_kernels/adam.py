@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from phi_kernels._backends import BACKENDS, BackendUnavailableError, resolve_backend
+from phi_kernels._backends import BACKENDS, BackendUnavailableError, cpp_ops, resolve_backend
 from phi_kernels.reference.adam import adam_step_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -485,10 +485,8 @@ class FusedAdam(torch.optim.Optimizer):
                 from phi_kernels.triton.adam import adam_step_triton
 
                 adam_step_triton(*args)
-            elif name == "cuda-emu":
-                torch.ops.phi_kernels_emu.adam_step(*args)
-            else:
-                torch.ops.phi_kernels.adam_step(*args)
+            else:  # "cpu", "cuda" or "cuda-emu": the C++ op
+                cpp_ops(name).adam_step(*args)
             torch._foreach_add_(steps, inc)
         return loss
 

@@ -48,21 +48,20 @@ import torch
 from torch import Tensor
 
 from phi_kernels import _extension
-from phi_kernels._backends import resolve_backend
+from phi_kernels._backends import cpp_ops, resolve_backend
+from phi_kernels._checks import FP32_MAX as _FP32_MAX
+from phi_kernels._checks import INT32_MAX as _INT32_MAX
+from phi_kernels._checks import cu_seqlens_lengths as _cu_seqlens_lengths
+from phi_kernels._checks import is_int as _is_int
+from phi_kernels._checks import may_overlap as _may_overlap
 from phi_kernels.reference.flash_attn import flash_attn_ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-_FP32_MAX = 3.4028234663852886e38  # the largest finite float32
 _FP32_HALF_TINY = 7.006492321624085e-46  # half the smallest float32 subnormal: rounds to 0
 
 
@@ -148,12 +147,7 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, s
         return max_q, max_k
     for name, cu, total, mx_name, mx in (("cu_seqlens_q", cu_q, q.shape[0], "max_seqlen_q", max_q),
                                          ("cu_seqlens_k", cu_k, k.shape[0], "max_seqlen_k", max_k)):
-        c = cu.cpu().long()
-        lengths = c[1:] - c[:-1]
-        if int(c[0]) != 0 or bool((lengths < 0).any()) or int(c[-1]) != total:
-            shown = c.tolist() if c.numel() <= 16 else f"{c[:8].tolist()} ... {c[-8:].tolist()}"
-            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total} (the packed "
-                             f"length), got {shown}")
+        lengths = _cu_seqlens_lengths(cu, name, total, "the packed length")
         if int(lengths.max()) > mx:
             raise ValueError(f"{mx_name} {mx} is below the longest sequence in {name} ({int(lengths.max())})")
         longest.append(int(lengths.max()))
@@ -226,13 +220,6 @@ def _why_not_cpu() -> str | None:
 # --------------------------------------------------------------------------- ops
 
 
-def _cpp_ops(backend: str):
-    """The namespace of the C++ ops behind a kernel backend: phi_kernels (phi_kernels._C) for
-    "cuda" and "cpu" (the op dispatches on the tensors' device), phi_kernels_emu
-    (phi_kernels._simt, same schemas) for "cuda-emu"."""
-    return torch.ops.phi_kernels_emu if backend == "cuda-emu" else torch.ops.phi_kernels
-
-
 def _empty_lse(q: Tensor, varlen: bool) -> Tensor:
     if varlen:
         return torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
@@ -246,7 +233,7 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = _empty_lse(q, varlen)
     if backend in ("cuda", "cuda-emu", "cpu"):  # causal is carried by the window: window_right == 0
-        _cpp_ops(backend).flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+        cpp_ops(backend).flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
                                          max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p, seed,
                                          out, lse)
     else:
@@ -276,7 +263,7 @@ def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     if backend in ("cuda", "cuda-emu", "cpu"):
-        _cpp_ops(backend).flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        cpp_ops(backend).flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          max_seqlen_k, softmax_scale, window_left, window_right, softcap,
                                          dropout_p, seed, dq, dk, dv)
     else:
@@ -407,19 +394,6 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale
                            softcap, deterministic, return_attn_probs, backend=backend)
 
 
-def _byte_range(t: Tensor) -> tuple[int, int]:
-    """[first, last + 1) addresses of the bytes t can touch (a superset for strided views)."""
-    start = t.data_ptr()
-    if t.is_contiguous():
-        return start, start + t.nbytes
-    if t.numel() == 0:
-        return start, start
-    last = 0
-    for n, st in zip(t.shape, t.stride()):
-        last += (n - 1) * st
-    return start, start + (last + 1) * t.element_size()
-
-
 def _cache_seqlens(cache_seqlens, batch: int, device) -> Tensor | int | None:
     if cache_seqlens is None or _is_int(cache_seqlens):
         return cache_seqlens
@@ -507,15 +481,13 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
                 raise ValueError(f"{name} has elements sharing one memory location (an expand()ed or stride-0 "
                                  f"tensor, strides {cache.stride()}): the new keys / values cannot be written into it")
         # (Every tensor here is on one device: checked above.)
-        span = {name: _byte_range(t) for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
-                                                      ("q", q), ("cache_seqlens", lens)) if isinstance(t, Tensor)}
+        tensors = {name: t for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+                                           ("q", q), ("cache_seqlens", lens)) if isinstance(t, Tensor)}
         for written in ("k_cache", "v_cache"):
-            for read in span:
-                if read != written and (read, written) != ("k_cache", "v_cache"):
-                    (a0, a1), (b0, b1) = span[written], span[read]
-                    if a0 < b1 and b0 < a1:
-                        raise ValueError(f"{written} shares memory with {read}: writing the new keys / values "
-                                         "would overwrite what the call reads")
+            for read, t in tensors.items():
+                if read != written and (read, written) != ("k_cache", "v_cache") and _may_overlap(tensors[written], t):
+                    raise ValueError(f"{written} shares memory with {read}: writing the new keys / values "
+                                     "would overwrite what the call reads")
     if k is not None and new:
         if isinstance(lens, int):
             k_cache[:, lens:lens + new] = k

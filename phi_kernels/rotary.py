@@ -20,7 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from phi_kernels._backends import resolve_backend
+from phi_kernels._backends import cpp_ops, resolve_backend
+from phi_kernels._checks import INT32_MAX as _INT32_MAX
+from phi_kernels._checks import cu_seqlens_lengths as _cu_seqlens_lengths
+from phi_kernels._checks import is_int as _is_int
+from phi_kernels._checks import may_overlap as _may_overlap
 from phi_kernels.reference.rotary import apply_rotary_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,34 +56,6 @@ def rotary_cos_sin(
 
 
 # --------------------------------------------------------------------------- validation
-
-_INT32_MAX = 2**31 - 1
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _byte_range(t: Tensor) -> tuple[int, int]:
-    """[first, last + 1) addresses of the bytes t can touch (a superset for strided views)."""
-    start = t.data_ptr()
-    if t.is_contiguous():
-        return start, start + t.nbytes
-    if t.numel() == 0:
-        return start, start
-    last = 0
-    for n, st in zip(t.shape, t.stride()):
-        last += (n - 1) * st
-    return start, start + (last + 1) * t.element_size()
-
-
-def _may_overlap(a: Tensor, b: Tensor) -> bool:
-    """a and b touch a common address (conservative: two interleaved views that never touch the
-    same element still count). Cheap: no storage objects, a few integer operations."""
-    if a.device != b.device:
-        return False
-    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
-    return a0 < b1 and b0 < a1
 
 
 def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved, inplace=False) -> int | None:
@@ -177,12 +153,7 @@ def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens, rows)
             raise ValueError(f"cos/sin have {seqlen_ro} rows but seqlen + seqlen_offsets needs {need}; "
                              "build a longer cache with rotary_cos_sin")
         return seqlen
-    cu = cu_seqlens.cpu().long()
-    lengths = cu[1:] - cu[:-1]
-    if int(cu[0]) != 0 or bool((lengths < 0).any()) or int(cu[-1]) != rows:
-        shown = cu.tolist() if cu.numel() <= 16 else f"{cu[:8].tolist()} ... {cu[-8:].tolist()}"
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at {rows} (the rows of x), "
-                         f"got {shown}")
+    lengths = _cu_seqlens_lengths(cu_seqlens, "cu_seqlens", rows, "the rows of x")
     longest = int(lengths.max())
     if longest > seqlen:
         raise ValueError(f"max_seqlen={seqlen} is smaller than the longest sequence in cu_seqlens ({longest})")
@@ -209,12 +180,9 @@ def _launch(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, 
 
         rotary_triton(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved,
                       conjugate, out)
-    elif backend == "cuda-emu":  # the CUDA kernel under the SIMT emulator, on CPU tensors
-        torch.ops.phi_kernels_emu.rotary_kernel(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
-                                                max_seqlen, interleaved, conjugate, out)
-    else:  # "cpu" or "cuda": the C++ op dispatches on the tensors' device
-        torch.ops.phi_kernels.rotary_kernel(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens,
-                                            max_seqlen, interleaved, conjugate, out)
+    else:  # "cpu", "cuda" or "cuda-emu": the C++ op
+        cpp_ops(backend).rotary_kernel(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen,
+                                       interleaved, conjugate, out)
 
 
 @torch.library.custom_op("phi_kernels::rotary", mutates_args=())

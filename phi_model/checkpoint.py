@@ -3,7 +3,6 @@ index, or pytorch_model.bin) and Microsoft's original phi format, in; Hugging Fa
 (safetensors) out. Format conversion lives here, beside the model, not inside it."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from phi_model.config import PhiConfig
+from phi_model.json_file import read_json_object
 
 
 class CheckpointError(ValueError):
@@ -48,11 +48,10 @@ def _read_weights(directory: str) -> dict[str, torch.Tensor]:
                                ("pytorch_model.bin.index.json", _torch_load)):
         if os.path.exists(path(index_name)):
             try:
-                with open(path(index_name), encoding="utf-8") as f:
-                    index = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{path(index_name)}: not valid JSON: {e}") from None
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+                index = read_json_object(path(index_name))
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+            weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{path(index_name)}: no \"weight_map\" object (tensor name -> shard file)")
             state = {}

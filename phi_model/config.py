@@ -94,15 +94,9 @@ class PhiConfig:
     @classmethod
     def from_json(cls, path: str) -> "PhiConfig":
         """From a config.json file; every error names the file."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the model config: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{path}: a model config must be a JSON object, got {type(cfg).__name__}")
+        from phi_model.json_file import read_json_object
+
+        cfg = read_json_object(path, expected="a model config (a JSON object)")
         try:
             return cls.from_hf_config(cfg)
         except KeyError as e:

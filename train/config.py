@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -104,15 +103,12 @@ def read_config_file(path: str) -> dict:
     where = f"--config {path}"
     if not os.path.isfile(path):
         raise SystemExit(f"{where}: no such file")
+    from phi_model.json_file import read_json_object
+
     try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"{where}: not valid JSON: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{where}: cannot read: {e}") from None
-    if not isinstance(values, dict):
-        raise SystemExit(f"{where}: expected a JSON object of TrainConfig fields, got {type(values).__name__}")
+        values = read_json_object(path, where, expected="a JSON object of TrainConfig fields")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     unknown = set(values) - set(_FIELDS)
     if unknown:
         raise SystemExit(f"{where}: unknown fields {sorted(unknown)}")

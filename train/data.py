@@ -12,7 +12,6 @@ order: ranks see distinct data, the order is a pure function of the seed, and th
 from __future__ import annotations
 
 import glob
-import json
 import os
 import struct
 
@@ -70,13 +69,9 @@ def read_meta(data_dir: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found; {data_dir} is not a prepared data directory "
                                 "(run train/prepare_data.py)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    from phi_model.json_file import read_json_object
+
+    meta = read_json_object(path)
     for key in ("vocab_size", "eos_token_id", "train_tokens", "val_tokens"):
         v = meta.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -356,7 +356,7 @@ void flush_warp_logs(Worker& w, int warp) {
 
 // ------------------------------------------------------------------------ shared memory
 
-uint32_t smem_offset_checked(Worker& w, int tid, uint32_t addr, uint32_t bytes, uint32_t align, const char* what) {
+void smem_offset_checked(Worker& w, int tid, uint32_t addr, uint32_t bytes, uint32_t align, const char* what) {
   if (addr % align != 0) {
     SIMT_FAIL(where(w, tid), ": ", what, " at shared offset ", std::to_string(addr), " is not ",
               std::to_string(align), "-byte aligned");
@@ -366,7 +366,6 @@ uint32_t smem_offset_checked(Worker& w, int tid, uint32_t addr, uint32_t bytes, 
               std::to_string(addr), " is past the ", std::to_string(w.smem_bytes),
               " bytes of dynamic shared memory the launch requested");
   }
-  return addr;
 }
 
 std::string thread_name(uint16_t t) { return t == kManyThreads ? "several threads" : "thread " + std::to_string(t); }

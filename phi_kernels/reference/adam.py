@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 
-_FLOAT32_MAX = 3.4028234663852886e38
-
 import torch
 from torch import Tensor
+
+from phi_kernels._checks import FP32_MAX
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def adam_step_ref(
             torch.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
             v = max_exp_avg_sqs[i]
         denom = (v.sqrt() / bc2_sqrt).add_(eps)
-        if step_size <= _FLOAT32_MAX:
+        if step_size <= FP32_MAX:
             p32.addcdiv_(exp_avgs[i], denom, value=-step_size)
         else:  # addcdiv_ refuses a scalar beyond float32; the kernels' fp32 math gives inf, so does this
             p32.sub_(exp_avgs[i] / denom * step_size)
