@@ -4,9 +4,11 @@
     python -m benchmarks.report results.json [--out benchmarks/results/cpu]
 
 Writes <out>/report.md (one table per group: provider, throughput, ratio against the best peer
-measured in the same run, ratio against the roofline when there is one) and
-<out>/<op>_throughput.png / <op>_ratio.png: throughput against sequence length (or the group's
-size parameter) per provider, and each of our providers' ratio against the best peer.
+measured in the same run, ratio against the roofline when there is one) and one
+<out>/<family>.png per benchmark family that sweeps a size (the group name without its size, e.g.
+attention_fwd_causal_h32_d64_float32.png): throughput against sequence length (or the group's
+size parameter) per provider on the left, each of our providers' ratio against the best peer on
+the right.
 """
 from __future__ import annotations
 

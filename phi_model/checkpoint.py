@@ -103,7 +103,8 @@ def _from_microsoft(state: dict[str, torch.Tensor], cfg: PhiConfig) -> dict[str,
 def convert_state_dict(state: dict[str, torch.Tensor], cfg: PhiConfig) -> dict[str, torch.Tensor]:
     if any(k.startswith("transformer.") for k in state):
         return _from_microsoft(state, cfg)
-    # transformers may prefix nothing or "model."; older exports used "transformer." (handled above).
+    # Hugging Face's PhiForCausalLM keys ("model.layers.N...", "lm_head...") are this model's own:
+    # nothing to rename. Microsoft's original export ("transformer.h.N...") is converted above.
     return state
 
 

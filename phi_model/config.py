@@ -61,7 +61,8 @@ class PhiConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "PhiConfig":
-        """Named presets: phi-1.5, phi-1, phi-2 (shared/ANCHORS.md), and small ones for CPU work."""
+        """Named presets: phi-1.5, phi-1, phi-2 (the shapes of microsoft/phi-1_5, phi-1, phi-2 on the
+        Hugging Face Hub), and small ones for CPU work."""
         if name not in PRESETS:
             raise ValueError(f"unknown model {name!r}; known: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -189,7 +190,7 @@ PRESETS: dict[str, dict] = {
     # microsoft/phi-2: head_dim 80, rotary 32 of 80.
     "phi-2": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, partial_rotary_factor=0.4,
                   resid_pdrop=0.1),
-    # Trains on a 2-core CPU in minutes (about 6M parameters with an 8k vocabulary).
+    # Trains on a 2-core CPU in minutes (7.36M parameters with an 8k vocabulary; tested).
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                  max_position_embeddings=1024),
     "small": dict(vocab_size=51200, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,

@@ -110,6 +110,7 @@ def test_presets_and_config_errors():
     assert (p2.head_dim, p2.rotary_dim, p2.resid_pdrop) == (80, 32, 0.1)
     with torch.device("meta"):
         assert PhiForCausalLM(c).num_params() == 1_418_270_720  # the published count
+        assert PhiForCausalLM(PhiConfig.from_name("tiny")).num_params() == 7_360_000  # "7.4M" in the docs
     with pytest.raises(ValueError, match="unknown model"):
         PhiConfig.from_name("phi-9")
     with pytest.raises(ValueError, match="divisible"):
