@@ -6,11 +6,15 @@ with ZeRO-2 on two processes, saves checkpoints and exports out/final):
     python -m phi_model.generate --checkpoint out/final --prompt "def fibonacci(n):"
 Resume from the newest checkpoint in out/:
     torchrun --nproc_per_node=2 train/pretrain.py --resume
-phi-1.5 on GPUs (the paper's recipe: lr 2e-4 constant, wd 0.1, betas 0.9/0.98, eps 1e-7, fp16,
-seq 2048, global batch micro x accum x GPUs; set them to reach 2048 sequences):
-    torchrun --nproc_per_node=8 train/pretrain.py --model phi-1.5 --data data/mycorpus --grad-accum 32
-Many machines: torchrun --nnodes=N --node-rank=R --rdzv-endpoint=HOST:PORT --nproc_per_node=8 ...
-Every flag: python train/pretrain.py --help (and --config FILE.json for a file of them).
+phi-1.5 with the paper's recipe (lr 2e-4 constant, wd 0.1, betas 0.9/0.98, eps 1e-7, fp16, seq
+2048, 2048 sequences per step at any GPU count, 150B tokens; train/config.py RECIPES). Plan it
+first, here, without a GPU; then run it:
+    python train/pretrain.py --model phi-1.5 --dry-run --world-size 8
+    torchrun --nproc_per_node=8 train/pretrain.py --model phi-1.5 --data data/mycorpus
+Many machines (the same command on each node; HOST is one of them, its torchrun hosts the rendezvous):
+    torchrun --nnodes=16 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        --rdzv-id=phi15 train/pretrain.py --model phi-1.5 --data data/mycorpus
+Every flag, with its default: python train/pretrain.py --help (--config FILE.json for a file of them).
 """
 from __future__ import annotations
 
@@ -28,18 +32,25 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train import checkpoint  # noqa: E402
-from train.config import TrainConfig, deepspeed_config, parse_args, resolve_precision, validate  # noqa: E402
-from train.data import TokenLoader  # noqa: E402
+from train.config import deepspeed_config, parse_args, resolve_precision, validate  # noqa: E402
+from train.dry_run import GPU_PEAK_TFLOPS as PLANNED_PEAKS  # noqa: E402
 
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 (shared/ANCHORS.md)
+GPU_PEAK_TFLOPS = {**PLANNED_PEAKS, "H200": 989.0}  # dense 16-bit, per GPU, matched in the device name
 
 # ----------------------------------------------------------------------------- configuration
-cfg = parse_args()
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 local_rank = int(os.environ.get("LOCAL_RANK", 0))
-validate(cfg, world)  # before any process group: a bad config fails fast, with what to change
+# Every flag is checked before any process group, data or model (a bad config fails fast, naming
+# the flag), and batch / step counts are derived for this world size.
+cfg = validate(parse_args(), world)
+if cfg.dry_run:
+    from train.dry_run import main as dry_run
+
+    dry_run(cfg)
+    sys.exit(0)
 on_gpu = torch.cuda.is_available()
 precision = resolve_precision(cfg, on_gpu)
+ds_config = deepspeed_config(cfg, world, precision, on_gpu)
 
 # ----------------------------------------------------------------------------- data (prepared once)
 if not os.path.exists(os.path.join(cfg.data, "meta.json")):  # only the default --data (validate checked)
@@ -55,16 +66,28 @@ if not os.path.exists(os.path.join(cfg.data, "meta.json")):  # only the default 
             # No meta.json: whatever is there is an unfinished earlier preparation of this default
             # directory; it is replaced whole.
             prepare(cfg.data, overwrite=True)
-from train.data import read_meta  # noqa: E402
+from train.data import TokenLoader, read_meta  # noqa: E402
 
 meta = read_meta(cfg.data)
+
+# ----------------------------------------------------------------------------- the run's record
+if rank == 0:
+    from phi_model.atomic import atomic_write_text
+
+    resolved = {**dataclasses.asdict(cfg), "world_size": world, "precision": precision}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for name, obj in (("train_config.json", resolved), ("deepspeed_config.json", ds_config)):
+        text = json.dumps(obj, indent=2)
+        atomic_write_text(os.path.join(cfg.out_dir, name), text + "\n")
+        print(f"{name} (saved in {cfg.out_dir}):\n{text}", flush=True)
 
 # ----------------------------------------------------------------------------- distributed + model
 import deepspeed  # noqa: E402  (imported late: its import is slow, and bad configs should fail first)
 import torch.distributed as dist  # noqa: E402
 
 from phi_kernels import FusedAdam  # noqa: E402
-from phi_model import PhiConfig, PhiForCausalLM  # noqa: E402
+from phi_model import PhiForCausalLM  # noqa: E402
+from train.config import model_config  # noqa: E402
 
 deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
@@ -74,16 +97,38 @@ torch.manual_seed(cfg.seed)
 random.seed(cfg.seed)
 np.random.seed(cfg.seed)
 
-model_cfg = PhiConfig.from_name(cfg.model) if not os.path.isfile(cfg.model) else PhiConfig.from_json(cfg.model)
-model_cfg = dataclasses.replace(model_cfg, vocab_size=max(model_cfg.vocab_size, meta["vocab_size"]),
+
+class CausalLMLoss(torch.nn.Module):
+    """The model whose forward returns the loss tensor: what DeepSpeed's engine wraps. ZeRO-3
+    gathers a module's parameters around its forward and backward through hooks on the tensors it
+    returns; PhiForCausalLM returns a dataclass (no hook) and its fused loss reads lm_head's
+    parameters outside lm_head's forward, so under ZeRO-3 they are registered as this module's
+    external parameters, gathered for its forward and backward."""
+
+    def __init__(self, lm: PhiForCausalLM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+        return self.lm(input_ids, labels=input_ids, eos_token_id=eos_token_id, return_logits=not cfg.fused_loss).loss
+
+
+base_cfg = model_config(cfg.model)
+model_cfg = dataclasses.replace(base_cfg, vocab_size=max(base_cfg.vocab_size, meta["vocab_size"]),
                                 eos_token_id=meta["eos_token_id"])
 model = PhiForCausalLM(model_cfg)
 model.gradient_checkpointing = cfg.gradient_checkpointing
+loss_model = CausalLMLoss(model)
+if cfg.zero_stage == 3 and cfg.fused_loss:
+    for p in model.lm_head.parameters():
+        deepspeed.zero.register_external_parameter(loss_model, p)
 # No weight decay on biases and LayerNorm weights (every 1-D parameter), as in the phi recipe.
 decay = [p for p in model.parameters() if p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.dim() < 2]
+# Offloaded, the optimizer steps DeepSpeed's fp32 partitions on the host: FusedAdam's CPU kernel.
+backend = cfg.optimizer_backend or ("cpu" if cfg.offload_optimizer == "cpu" else None)
 optimizer = FusedAdam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, backend=cfg.optimizer_backend)
+                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, backend=backend)
 
 
 def lr_factor(step: int) -> float:
@@ -97,8 +142,10 @@ def lr_factor(step: int) -> float:
 
 
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(cfg, world, precision))
+engine, _, _, scheduler = deepspeed.initialize(model=loss_model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+if cfg.offload_optimizer == "cpu" and not engine.zero_cpu_offload():
+    raise SystemExit("--offload-optimizer cpu: DeepSpeed did not enable ZeRO-Offload for this configuration")
 train_loader = TokenLoader(cfg.data, "train", cfg.seq_len, cfg.micro_batch_size, rank, world, cfg.seed)
 val_loader = TokenLoader(cfg.data, "val", cfg.seq_len, cfg.micro_batch_size, 0, 1, cfg.seed)
 eos = model_cfg.eos_token_id if cfg.document_attention else None
@@ -130,10 +177,19 @@ def client_state() -> dict:
     return {"step": step, "loader": gather(train_loader.state_dict()), "rng": gather(rng), "config": dataclasses.asdict(cfg)}
 
 
-def mean_over_ranks(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device=device)
+def mean_over_ranks(total: torch.Tensor, count: int) -> float:
+    """The mean over ranks of a per-rank sum of `count` losses: the one host read-back."""
+    t = (total.detach().to(torch.float32) / count).reshape(1)
     dist.all_reduce(t)
     return t.item() / world
+
+
+def loss_scale() -> float:
+    """fp16's current dynamic loss scale (1.0 otherwise), from whichever optimizer DeepSpeed built."""
+    if precision != "fp16":
+        return 1.0
+    opt = engine.optimizer
+    return float(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale"))
 
 
 @torch.no_grad()
@@ -141,13 +197,12 @@ def evaluate() -> float:
     engine.eval()
     saved = val_loader.state_dict()
     val_loader.load_state_dict({"epoch": 0, "pos": 0})  # the same batches every time
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for _ in range(cfg.eval_batches):
-        x = val_loader.next_batch().to(device)
-        total += engine(x, labels=x, eos_token_id=eos, return_logits=False).loss.item()
+        total += engine(val_loader.next_batch().to(device), eos).detach().float()
     val_loader.load_state_dict(saved)
     engine.train()
-    return mean_over_ranks(total / cfg.eval_batches)
+    return mean_over_ranks(total, cfg.eval_batches)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -158,38 +213,41 @@ peak = cfg.peak_tflops or next((v for k, v in GPU_PEAK_TFLOPS.items() if on_gpu 
 metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 writer = None
 if rank == 0:
-    os.makedirs(cfg.out_dir, exist_ok=True)
     if not cfg.resume and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run's metrics and plot are its own (validate refused reused checkpoints)
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+    offload = (f"; optimizer offloaded to the host ({type(optimizer).__name__} backend {backend})"
+               if cfg.offload_optimizer == "cpu" else "")
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M params, vocab {model_cfg.vocab_size}; "
           f"{world} ranks x micro-batch {cfg.micro_batch_size} x accum {cfg.grad_accum} x seq {cfg.seq_len} = "
-          f"{tokens_per_step} tokens/step; {precision}, ZeRO-{cfg.zero_stage}; MFU uses "
-          f"{flops_per_token / 1e6:.1f} MFLOP/token (6 N + 6 L T C)", flush=True)
+          f"{tokens_per_step} tokens/step, {cfg.max_steps} steps; {precision}, ZeRO-{cfg.zero_stage}{offload}; "
+          f"{'fused' if cfg.fused_loss else 'unfused'} loss; MFU uses {flops_per_token / 1e6:.1f} MFLOP/token "
+          "(6 N + 6 L T C)", flush=True)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
 engine.train()
-t_last, loss_acc, n_acc = time.perf_counter(), 0.0, 0
+# Losses stay on the device until the log interval: reading one back (.item()) would wait for the
+# GPU at every micro-step.
+t_last, n_acc = time.perf_counter(), 0
+loss_acc = torch.zeros((), dtype=torch.float32, device=device)
 while step < cfg.max_steps:
     for _ in range(cfg.grad_accum):
-        x = train_loader.next_batch().to(device)
-        loss = engine(x, labels=x, eos_token_id=eos, return_logits=False).loss
+        loss = engine(train_loader.next_batch().to(device), eos)
         engine.backward(loss)
         engine.step()
-        loss_acc += loss.item()
+        loss_acc += loss.detach().float()
         n_acc += 1
     step += 1
     if rank == 0:
         bar.update(1)
     if step % cfg.log_interval == 0 or step == cfg.max_steps:
+        train_loss = mean_over_ranks(loss_acc, n_acc)  # waits for the device, once per interval
         dt = time.perf_counter() - t_last
-        train_loss = mean_over_ranks(loss_acc / n_acc)
         tok_s = tokens_per_step * (step % cfg.log_interval or cfg.log_interval) / dt
         rec = {"step": step, "loss": train_loss, "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-               "loss_scale": float(engine.optimizer.cur_scale) if precision == "fp16" else 1.0,
+               "grad_norm": float(engine.get_global_grad_norm() or 0.0), "loss_scale": loss_scale(),
                "tokens_per_s": tok_s, "tflops_per_device": flops_per_token * tok_s / world / 1e12}
         if peak:
             rec["mfu"] = rec["tflops_per_device"] / peak
@@ -203,7 +261,8 @@ while step < cfg.max_steps:
                     writer.add_scalar(k, v, step)
             bar.set_postfix(loss=f"{train_loss:.3f}", **({"eval": f"{rec['eval_loss']:.3f}"} if "eval_loss" in rec else {}))
             bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-        t_last, loss_acc, n_acc = time.perf_counter(), 0.0, 0
+        t_last, n_acc = time.perf_counter(), 0
+        loss_acc.zero_()
     if step % cfg.save_interval == 0 or step == cfg.max_steps:
         tag = checkpoint.save(engine, ckpt_dir, step, client_state(), cfg.keep_last)
         if rank == 0:
@@ -213,13 +272,19 @@ while step < cfg.max_steps:
 if rank == 0:
     bar.close()
     writer.close()
+final = os.path.join(cfg.out_dir, "final")
+tokenizer = {"tokenizer.json": os.path.join(cfg.data, "tokenizer.json")}
+# Atomic: the weights, config and tokenizer are written beside out/final and swapped in together
+# (an earlier export stays loadable until then).
 if cfg.zero_stage == 3:
-    raise SystemExit("export with ZeRO-3 needs a gathered state dict: convert with DeepSpeed's zero_to_fp32.py")
+    # ZeRO-3 holds 1/world of each parameter per rank: DeepSpeed gathers the full 16-bit (or fp32)
+    # tensors on every rank for the duration of the block (collective: every rank enters it).
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if rank == 0:
+            model.save_pretrained(final, extra_files=tokenizer)
+elif rank == 0:
+    model.save_pretrained(final, extra_files=tokenizer)  # stages 0-2 keep full parameters on every rank
 if rank == 0:
-    final = os.path.join(cfg.out_dir, "final")
-    # ZeRO-2 keeps full parameters on every rank. Atomic: the weights, config and tokenizer are
-    # written beside out/final and swapped in together (an earlier export stays loadable until then).
-    model.save_pretrained(final, extra_files={"tokenizer.json": os.path.join(cfg.data, "tokenizer.json")})
     import matplotlib
 
     matplotlib.use("Agg")
