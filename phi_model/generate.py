@@ -250,6 +250,63 @@ def generate(model: PhiForCausalLM, prompts: list[list[int]] | list[int], max_ne
     return outs
 
 
+def generate_like_transformers(model: PhiForCausalLM, input_ids: Tensor, *, max_new_tokens: int = 20,
+                               do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+                               top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                               pad_token_id: int | None = None, attention_mask: Tensor | None = None,
+                               seed: int | None = None) -> Tensor:
+    """transformers' `model.generate(input_ids, ...)` on `generate`: input_ids (B, T) as given
+    (padding included; attention_mask (B, T) of 0/1 says which tokens are real, left or right
+    padding) followed by the new tokens, a (B, T + n) tensor where n is the longest row's count of
+    new tokens; a row that ended at eos_token_id is filled after it with pad_token_id (default: the
+    EOS, as transformers does). do_sample=False is greedy; do_sample=True samples with
+    transformers' defaults temperature 1.0 and top_k 50 unless given. eos_token_id defaults to the
+    model config's. Every argument is checked before any compute (ValueError naming it)."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point \
+            or input_ids.dtype == torch.bool:
+        raise ValueError("input_ids must be a (batch, seqlen) integer tensor, got "
+                         + (f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor)
+                            else type(input_ids).__name__))
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be a bool, got {do_sample!r}")
+    if do_sample:
+        temperature = 1.0 if temperature is None else temperature
+        top_k = 50 if top_k is None else top_k
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0 with do_sample=True, got {temperature!r}")
+    else:
+        temperature = 0.0  # greedy; transformers ignores the sampling knobs here too
+    if isinstance(eos_token_id, (list, tuple)):
+        if len(eos_token_id) != 1:
+            raise ValueError(f"eos_token_id must be one int (or a list of one), got {eos_token_id!r}")
+        eos_token_id = eos_token_id[0]
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    if pad is not None and not _is_int(pad):
+        raise ValueError(f"pad_token_id must be None or an int, got {pad_token_id!r}")
+    rows = input_ids.tolist()
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape \
+                or attention_mask.dtype.is_floating_point:
+            raise ValueError(f"attention_mask must be a 0/1 (bool or integer) tensor shaped like input_ids "
+                             f"{tuple(input_ids.shape)}, got "
+                             + (f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
+                                if isinstance(attention_mask, Tensor) else type(attention_mask).__name__))
+        keep = attention_mask.tolist()
+        if any(v not in (0, 1) for r in keep for v in r):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        rows = [[t for t, k in zip(r, m) if k] for r, m in zip(rows, keep)]
+    new = generate(model, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   eos_token_id=eos_token_id)  # checks the prompts, lengths and sampling knobs
+    n = max((len(x) for x in new), default=0)
+    # Rows end early only at an EOS, so without one (pad None) every row has n tokens.
+    out = input_ids.new_full((input_ids.shape[0], n), pad if pad is not None else 0)
+    for i, x in enumerate(new):
+        out[i, :len(x)] = torch.as_tensor(x, dtype=out.dtype)
+    return torch.cat([input_ids, out], dim=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Generate text from a phi checkpoint directory")
     ap.add_argument("--checkpoint", required=True, help="Hugging Face format directory with tokenizer.json")

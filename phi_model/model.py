@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import phi_kernels
 from phi_model.config import PhiConfig
-from phi_model.loss import fused_linear_cross_entropy
+from phi_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
 
 @dataclass
@@ -39,13 +39,49 @@ class KVCache(nn.Module):
 def document_cu_seqlens(input_ids: Tensor, eos_token_id: int) -> tuple[Tensor, int]:
     """cu_seqlens (int32) splitting the flattened (B*T) tokens into documents: a new document
     starts at every row start and right after every EOS token. Returns (cu_seqlens, max_len)."""
+    _, cu, max_len = packed_layout(input_ids, None, eos_token_id)
+    return cu, max_len
+
+
+def packed_layout(input_ids: Tensor, attention_mask: Tensor | None,
+                  eos_token_id: int | None) -> tuple[Tensor | None, Tensor, int]:
+    """The real tokens of a (B, T) batch as packed sequences for the varlen kernels:
+    (rows, cu_seqlens, max_len). rows: indices into the flattened B*T tokens of the real ones
+    (attention_mask != 0), in order (None without a mask: every token). A sequence starts at each
+    row's first real token and, with eos_token_id, right after every EOS; rotary positions
+    restart there, so a padded row sees exactly what it would alone."""
     b, t = input_ids.shape
-    starts = torch.zeros(b, t, dtype=torch.bool, device=input_ids.device)
-    starts[:, 0] = True
-    starts[:, 1:] = input_ids[:, :-1] == eos_token_id
-    idx = torch.nonzero(starts.flatten(), as_tuple=False).flatten()
-    cu = torch.cat([idx, torch.tensor([b * t], device=idx.device)]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
+    ids = input_ids.reshape(-1)
+    row_of = torch.arange(b, device=ids.device).repeat_interleave(t)  # (B*T,)
+    rows = None
+    if attention_mask is not None:
+        rows = attention_mask.reshape(-1).nonzero().flatten()  # (N,)
+        ids, row_of = ids[rows], row_of[rows]
+    n = ids.numel()
+    starts = torch.ones(n, dtype=torch.bool, device=ids.device)
+    starts[1:] = row_of[1:] != row_of[:-1]
+    if eos_token_id is not None:
+        starts[1:] |= ids[:-1] == eos_token_id
+    first = starts.nonzero().flatten()
+    cu = torch.cat([first, first.new_tensor([n])]).to(torch.int32)
+    return rows, cu, int((cu[1:] - cu[:-1]).max()) if n else 0
+
+
+def _check_attention_mask(mask, input_ids: Tensor, caches) -> Tensor:
+    """attention_mask as a bool (B, T) tensor on input_ids' device, or a ValueError naming it."""
+    if not isinstance(mask, Tensor) or mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got "
+                         + (f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__))
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise ValueError(f"attention_mask must hold 0/1 (bool or integer), got {mask.dtype}")
+    if mask.device != input_ids.device:
+        raise ValueError(f"attention_mask must be on input_ids' device {input_ids.device}, got {mask.device}")
+    if caches is not None:
+        raise ValueError("attention_mask is not taken with caches: padded prompts decode through generate "
+                         "(per-row cache positions); pass attention_mask without caches")
+    if mask.dtype != torch.bool and not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    return mask.bool()
 
 
 class PhiAttention(nn.Module):
@@ -147,15 +183,21 @@ class PhiForCausalLM(nn.Module):
             self._rope_cache[key] = cached
         return cached
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, eos_token_id: int | None = None,
-                caches: list[KVCache] | None = None, cache_pos: int | Tensor = 0,
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, attention_mask: Tensor | None = None,
+                eos_token_id: int | None = None, caches: list[KVCache] | None = None, cache_pos: int | Tensor = 0,
                 return_logits: bool = True) -> CausalLMOutput:
         """input_ids (B, T). labels like Hugging Face: aligned with input_ids, shifted here,
-        -100 ignored. eos_token_id: document-aware attention (no attention across an EOS).
+        -100 ignored. attention_mask (B, T) of 0/1 (bool or int): a padded batch, left or right
+        (or anywhere): only the real tokens run, packed as variable-length sequences, each row's
+        positions counting from its first real token, so a row's logits are what it gets alone;
+        a padding position neither predicts nor is predicted, and its logits are lm_head(0).
+        eos_token_id: document-aware attention (no attention across an EOS).
         caches (from new_caches) with cache_pos: the position of input_ids[:, 0], an int, or an
-        int32 tensor (B,) when rows sit at different positions (batched decoding); inference only.
+        int32 tensor (B,) when rows sit at different positions (batched decoding); inference only,
+        without attention_mask (generate handles padded prompts with per-row cache positions).
         return_logits=False (with labels): the loss is fused with lm_head
-        (phi_model/loss.py) and the (B, T, vocab) logits are never materialised; logits is None."""
+        (phi_kernels.fused_linear_cross_entropy) and the (B, T, vocab) logits are never
+        materialised; logits is None."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, seqlen) tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
@@ -180,6 +222,8 @@ class PhiForCausalLM(nn.Module):
                 if bool(bad.any()):
                     raise ValueError(f"labels must be in [0, vocab_size={vocab}) or -100 (ignored), got "
                                      f"{int(labels[bad][0])}")
+        if attention_mask is not None:
+            attention_mask = _check_attention_mask(attention_mask, input_ids, caches)
         if isinstance(cache_pos, Tensor):
             if caches is None:
                 raise ValueError("cache_pos as a tensor (per-row positions) needs caches")
@@ -193,11 +237,13 @@ class PhiForCausalLM(nn.Module):
             positions = cache_pos + t
         x = self.model.embed_dropout(self.model.embed_tokens(input_ids))  # (B, T, C)
         cos, sin = self.rope(positions, x.device, x.dtype)
-        cu, max_len = (None, 0)
-        if eos_token_id is not None:
-            if caches is not None:
-                raise ValueError("eos_token_id (document-aware attention) is for training, not with caches")
-            cu, max_len = document_cu_seqlens(input_ids, eos_token_id)
+        rows, cu, max_len = (None, None, 0)
+        if eos_token_id is not None and caches is not None:
+            raise ValueError("eos_token_id (document-aware attention) is for training, not with caches")
+        if eos_token_id is not None or attention_mask is not None:
+            rows, cu, max_len = packed_layout(input_ids, attention_mask, eos_token_id)
+        if rows is not None:
+            x = x.reshape(b * t, -1)[rows][None]  # (1, N, C): the real tokens, packed
         for i, layer in enumerate(self.model.layers):
             cache = caches[i] if caches is not None else None
             if self.gradient_checkpointing and self.training:
@@ -205,18 +251,27 @@ class PhiForCausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin, cu, max_len, cache, cache_pos)
         x = self.model.final_layernorm(x)
+        targets = None
+        if labels is not None:
+            # Shift the labels, not the logits: position t predicts token t + 1 and the last
+            # position is ignored (as is any padding, predicting or predicted).
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            if attention_mask is not None:
+                real = attention_mask.bool()
+                targets = targets.masked_fill(~(real & F.pad(real[:, 1:], (0, 1), value=False)), -100)
+            targets = targets.reshape(-1)
         if labels is not None and not return_logits:
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-            loss = fused_linear_cross_entropy(x.reshape(b * t, -1), self.lm_head.weight, self.lm_head.bias, targets)
+            hidden, kept = (x[0], targets[rows]) if rows is not None else (x.reshape(b * t, -1), targets)
+            loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, self.lm_head.bias, kept)
             return CausalLMOutput(logits=None, loss=loss)
+        if rows is not None:  # back to (B, T, C); padding positions hold 0
+            x = x.new_zeros(b * t, x.shape[-1]).index_copy(0, rows, x[0]).view(b, t, -1)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if labels is not None:
-            # Shift the labels, not the logits: position t predicts token t + 1 and the last
-            # position is ignored. logits stays a view (no copy of the (B, T, vocab) tensor, and no
-            # zero-filled gradient for a slice of it in the backward).
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+            # logits stays a view (no copy of the (B, T, vocab) tensor, and no zero-filled gradient
+            # for a slice of it in the backward).
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
 
     # ------------------------------------------------------------------ helpers
@@ -238,6 +293,20 @@ class PhiForCausalLM(nn.Module):
         cfg = self.config
         n = self.num_params() - self.model.embed_tokens.weight.numel()
         return 6.0 * n + 6.0 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 20, *, do_sample: bool = False,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 attention_mask: Tensor | None = None, seed: int | None = None) -> Tensor:
+        """transformers' generate: (B, T) ids (padded as attention_mask says) -> (B, T + new),
+        rows padded after their EOS. KV-cache batched decoding (phi_model.generate); see
+        phi_model.generate.generate_like_transformers."""
+        from phi_model.generate import generate_like_transformers
+
+        return generate_like_transformers(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                          temperature=temperature, top_k=top_k, top_p=top_p,
+                                          eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                          attention_mask=attention_mask, seed=seed)
 
     @classmethod
     def from_pretrained(cls, directory: str, *, dtype: torch.dtype | None = None,
