@@ -94,7 +94,8 @@ def _check(hidden, weight, bias, targets, chunk_rows, ignore_index, reduction) -
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be (N, C) and weight (V, C), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(f"hidden must be (N, C) and weight (V, C), got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
     if not hidden.is_floating_point() or weight.dtype != hidden.dtype:
         raise ValueError(f"hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}")
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)

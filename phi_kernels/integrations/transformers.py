@@ -76,8 +76,8 @@ register_phi_kernels_attention()
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int) -> Tensor:
     if unsqueeze_dim not in (1, 2) or x.dim() != 4 or cos.dim() not in (2, 3) or cos.shape != sin.shape:
-        raise ValueError(f"phi_kernels rotary takes q / k (batch, heads, seq, dim) with unsqueeze_dim=1 or (batch, seq, "
-                         f"heads, dim) with 2, and cos / sin (seq, rot) or (batch, seq, rot); got x "
+        raise ValueError(f"phi_kernels rotary takes q / k (batch, heads, seq, dim) with unsqueeze_dim=1 or "
+                         f"(batch, seq, heads, dim) with 2, and cos / sin (seq, rot) or (batch, seq, rot); got x "
                          f"{tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}, "
                          f"unsqueeze_dim={unsqueeze_dim}")
     xt = x.transpose(1, 2) if unsqueeze_dim == 1 else x  # (B, T, heads, D)
@@ -224,7 +224,8 @@ def _apply(family: str, model, rotary: bool, attention: bool, fused_linear_cross
         if model is None:
             if attention:
                 base = getattr(module, base_name)
-                _set(base, "get_correct_attn_implementation", _default_to_phi_kernels(base.get_correct_attn_implementation))
+                _set(base, "get_correct_attn_implementation",
+                     _default_to_phi_kernels(base.get_correct_attn_implementation))
             if fused_linear_cross_entropy:
                 lm = getattr(module, lm_name)
                 _set(lm, "forward", fused_causal_lm_forward(lm.forward))
