@@ -1,8 +1,11 @@
 """Training throughput of the tiny phi config on this machine: train/pretrain.py (DeepSpeed
-ZeRO-2 + phi_kernels FusedAdam + phi_model) against plain torch DDP + torch AdamW (fused), same
-model, data, micro-batch and 2 processes (torchrun, gloo on CPU). Tokens/s are the median of
-per-step times after warm-up, measured inside each run; the target is at most 10% overhead.
-On a GPU the same harness reports tokens/s and MFU for larger configs (not measured here).
+ZeRO-2 + phi_kernels FusedAdam + phi_model) against plain torch DDP + torch AdamW (fused), like
+for like: the same model, seed, data, micro-batch, optimizer settings and 2 processes (torchrun,
+gloo on CPU), and the same loss on both sides, measured twice: with the fused lm_head + cross
+entropy (phi_model/loss.py) on both, and with the unfused one (logits + F.cross_entropy) on both.
+Each loss kind is one benchmark group (one row each side). Tokens/s are the median of per-step
+times after warm-up, measured inside each run; extra_info also records each side's first-step
+loss, equal on both sides when the comparison is like for like.
 """
 from __future__ import annotations
 
@@ -43,26 +46,33 @@ def _torchrun(script_args):
     return out.stdout
 
 
-def _record(benchmark, provider, ours, tokens_per_s):
+def _record(benchmark, provider, ours, tokens_per_s, loss_kind, first_loss):
     # The run measured itself; pytest-benchmark times a no-op so the result lands in the JSON.
-    bench(benchmark, lambda: None, group=f"train tiny 2 procs b{MICRO} s{SEQ} fp32 (tokens/s measured in-run)",
+    bench(benchmark, lambda: None,
+          group=f"train tiny 2 procs b{MICRO} s{SEQ} fp32, {loss_kind} loss both sides (tokens/s measured in-run)",
           provider=provider, ours=ours, work=1.0, unit="tokens/s", shape=f"micro {MICRO} x seq {SEQ} x 2", dtype="fp32",
           device="cpu" if not torch.cuda.is_available() else "cuda", rounds=3, warmup=1)
     benchmark.extra_info["throughput"] = tokens_per_s  # the in-run figure, not the no-op's
+    benchmark.extra_info["first_loss"] = first_loss
 
 
-def test_pretrain_zero2_fused_adam(benchmark, data_dir):
+@pytest.mark.parametrize("loss_kind", ["fused", "unfused"])
+def test_pretrain_zero2_fused_adam(benchmark, data_dir, loss_kind):
     with tempfile.TemporaryDirectory() as out:
         _torchrun([os.path.join(ROOT, "train", "pretrain.py"), "--data", data_dir, "--out-dir", out, "--max-steps",
                    str(STEPS), "--log-interval", "1", "--eval-interval", str(10**6), "--save-interval", str(10**6),
-                   "--micro-batch-size", str(MICRO), "--seq-len", str(SEQ)])
+                   "--micro-batch-size", str(MICRO), "--seq-len", str(SEQ), "--grad-accum", "1",
+                   "--fused-loss", "true" if loss_kind == "fused" else "false"])
         with open(os.path.join(out, "metrics.jsonl")) as f:
             recs = [json.loads(line) for line in f]
     tput = statistics.median(r["tokens_per_s"] for r in recs[2:-1])
-    _record(benchmark, "pretrain.py: ZeRO-2 + FusedAdam", True, tput)
+    _record(benchmark, "pretrain.py: ZeRO-2 + FusedAdam", True, tput, loss_kind, recs[0]["loss"])
 
 
-def test_ddp_torch_adamw(benchmark, data_dir):
-    out = _torchrun([os.path.join(ROOT, "benchmarks", "ddp_baseline.py"), data_dir, str(STEPS), str(MICRO), str(SEQ)])
+@pytest.mark.parametrize("loss_kind", ["fused", "unfused"])
+def test_ddp_torch_adamw(benchmark, data_dir, loss_kind):
+    out = _torchrun([os.path.join(ROOT, "benchmarks", "ddp_baseline.py"), data_dir, str(STEPS), str(MICRO), str(SEQ),
+                     loss_kind])
     line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
-    _record(benchmark, "torch DDP + AdamW (fused)", False, json.loads(line[7:])["tokens_per_s"])
+    res = json.loads(line[7:])
+    _record(benchmark, "torch DDP + AdamW (fused)", False, res["tokens_per_s"], loss_kind, res["first_loss"])
