@@ -233,6 +233,12 @@ def test_refuses_what_the_kernels_cannot_do():
     with pytest.raises(ValueError, match="cannot express the attention mask function chunked_overlay"):
         check_mask_function(chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)))
 
+    def causal_mask_function(batch_idx, head_idx, q_idx, kv_idx):  # a user's, named like transformers'
+        return kv_idx <= q_idx + 1
+
+    with pytest.raises(ValueError, match="cannot express .*test_integrations_transformers.*causal_mask_function"):
+        check_mask_function(causal_mask_function)
+
 
 def test_sliding_window_refuses_a_mask_with_holes():
     _, patched, apply = _pair("mistral-swa")

@@ -26,7 +26,8 @@ returns (B, Tq, H, D):
 
 causal from `is_causal` (else the module's, else True; False when config.is_causal is False),
 sliding_window w as window_size (w - 1, w - 1) like flash_attention_2, softcap, scaling,
-dropout in training. Varlen metadata costs one small host read-back per forward: it is kept
+dropout in training. As for flash_attention_2, the window is the one the attention call passes
+(sliding_window=...); the mask side only checks that the mask's pattern is one of the above. Varlen metadata costs one small host read-back per forward: it is kept
 for the mask (or position_ids) tensor it came from and reused by every later layer.
 """
 from __future__ import annotations
@@ -57,6 +58,8 @@ def check_mask_function(fn) -> None:
     """ValueError naming the first part of transformers' mask function `fn` that phi_kernels'
     attention cannot express."""
     name = getattr(fn, "__qualname__", repr(fn))
+    if getattr(fn, "__module__", None) != "transformers.masking_utils":
+        name = f"{getattr(fn, '__module__', '?')}.{name}"  # a user's function, whatever its name
     if name in _EXPRESSIBLE:
         return
     if name in _WRAPPERS:
