@@ -51,13 +51,12 @@ from typing import Iterator
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train.data import phi_model_module, read_meta, check_shards, shard_header  # noqa: E402
+from train.data import HEADER, check_shards, phi_model_module, read_meta, shard_header  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".c", ".h", ".json", ".toml", ".cfg")
 KNOWN_SUFFIXES = (".jsonl", ".parquet") + TEXT_SUFFIXES
 EOS = "<|endoftext|>"
 FORMAT = 2  # bump when the output for the same inputs and settings changes
-BATCH_BYTES = 1 << 20  # text per tokenization task
 CHECKPOINT_SECONDS = 300.0  # also checkpoint this often when shards are large
 
 
@@ -330,15 +329,20 @@ class ShardWriter:
     def __init__(self, directory: str, split: str, dtype: np.dtype, shard_tokens: int, state: dict | None = None):
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, np.dtype(dtype), shard_tokens
         self.shards, self.partial_tokens = (state["shards"], state["partial_tokens"]) if state else (0, 0)
+        path = os.path.join(directory, self._name(self.shards, "partial"))
+        size = self.partial_tokens * self.dtype.itemsize
+        if (os.path.getsize(path) if os.path.exists(path) else 0) < size:
+            # The shard open at the checkpoint was finished later (its partial file became the .bin):
+            # the checkpoint's tokens are that shard's first ones.
+            finished = os.path.join(directory, self._name(self.shards, "bin"))
+            with open(finished, "rb") as src, open(path, "wb") as dst:
+                src.seek(HEADER.size)
+                dst.write(src.read(size))
         for name in os.listdir(directory):  # whatever came after the checkpoint is redone
             if name.startswith(f"{split}_") and name != self._name(self.shards, "partial"):
                 number = name[len(split) + 1:].split(".")[0]
                 if number.isdigit() and int(number) >= self.shards:
                     os.remove(os.path.join(directory, name))
-        path = os.path.join(directory, self._name(self.shards, "partial"))
-        size = self.partial_tokens * self.dtype.itemsize
-        if (os.path.getsize(path) if os.path.exists(path) else 0) < size:
-            raise RuntimeError(f"{path}: shorter than its checkpoint ({size} bytes)")
         self.f = open(path, "r+b" if os.path.exists(path) else "w+b")
         self.f.truncate(size)
         self.f.seek(size)
@@ -401,12 +405,12 @@ def _inside(path: str, directory: str) -> bool:
 
 def check_arguments(out: str, inputs: list[str] | None, field: str, tokenizer: str | None, vocab_size: int,
                     val_every: int, max_bytes: int, shard_tokens: int, workers: int, tokenizer_sample_bytes: int,
-                    max_document_bytes: int, hf_dataset: str | None, hf_split: str) -> None:
+                    max_document_bytes: int, batch_bytes: int, hf_dataset: str | None, hf_split: str) -> None:
     """Every argument, before anything is read or written (errors name the flag)."""
     for name, v, lo in (("--vocab-size", vocab_size, 1), ("--val-every", val_every, 0), ("--max-bytes", max_bytes, 1),
                         ("--shard-tokens", shard_tokens, 1), ("--workers", workers, 0),
                         ("--tokenizer-sample-bytes", tokenizer_sample_bytes, 1),
-                        ("--max-document-bytes", max_document_bytes, 1)):
+                        ("--max-document-bytes", max_document_bytes, 1), ("--batch-bytes", batch_bytes, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     if not isinstance(field, str) or not field:
@@ -468,14 +472,14 @@ def prepare(out: str, inputs: list[str] | None = None, field: str = "text", toke
             vocab_size: int = 8192, val_every: int = 20, max_bytes: int = 6_000_000,
             shard_tokens: int = 50_000_000, overwrite: bool = False, *, workers: int | None = None,
             dedup: bool = True, hf_dataset: str | None = None, hf_config: str | None = None, hf_split: str = "train",
-            tokenizer_sample_bytes: int = 64 << 20, max_document_bytes: int = 16 << 20,
+            tokenizer_sample_bytes: int = 64 << 20, max_document_bytes: int = 16 << 20, batch_bytes: int = 1 << 20,
             progress: bool | None = None) -> dict:
     """Prepares <out> (see the module docstring) and returns its meta.json. Every argument is
     checked before anything is written; a bad document found while streaming stops the run,
     removes the partial work and leaves <out> as it was."""
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     check_arguments(out, inputs, field, tokenizer, vocab_size, val_every, max_bytes, shard_tokens, workers,
-                    tokenizer_sample_bytes, max_document_bytes, hf_dataset, hf_split)
+                    tokenizer_sample_bytes, max_document_bytes, batch_bytes, hf_dataset, hf_split)
     hf = {"name": hf_dataset, "config": hf_config, "split": hf_split} if hf_dataset else None
     files = None if hf else (inputs or stdlib_files(max_bytes))
     tok_sha = None
@@ -508,29 +512,32 @@ def prepare(out: str, inputs: list[str] | None = None, field: str = "text", toke
             raise ValueError(f"--tokenizer {tokenizer}: the tokenizer has no {EOS!r} token to separate documents")
     staging = os.path.join(os.path.dirname(out_real), f".{os.path.basename(out_real)}.prepare-partial")
     os.makedirs(os.path.dirname(out_real), exist_ok=True)
-    with open(staging + ".lock", "w") as lock:
+    lock_path = staging + ".lock"
+    with open(lock_path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"--out {out}: another prepare_data run is preparing it right now "
-                             f"(it holds {staging}.lock)") from None
-        meta = _Run(out, staging, fp, settings, files, hf, field, tok, vocab_size, val_every, shard_tokens, dedup,
-                    workers, tokenizer_sample_bytes, max_document_bytes, progress).run()
-        os.remove(staging + ".lock")
-    return meta
+                             f"(it holds {lock_path})") from None
+        try:
+            return _Run(out, staging, fp, settings, files, hf, field, tok, vocab_size, val_every, shard_tokens, dedup,
+                        workers, tokenizer_sample_bytes, max_document_bytes, batch_bytes, progress).run()
+        finally:
+            if not os.path.exists(staging):  # finished, or bad input: nothing left to resume
+                os.remove(lock_path)
 
 
 class _Run:
     """One preparation: resume or start the partial directory, stream, checkpoint, publish."""
 
     def __init__(self, out, staging, fp, settings, files, hf, field, tok, vocab_size, val_every, shard_tokens, dedup,
-                 workers, sample_bytes, max_document_bytes, progress):
+                 workers, sample_bytes, max_document_bytes, batch_bytes, progress):
         self.out, self.staging, self.fp, self.settings, self.files, self.hf = out, staging, fp, settings, files, hf
         self.field, self.tok, self.vocab_size, self.val_every, self.shard_tokens = field, tok, vocab_size, val_every, \
             shard_tokens
         self.dedup, self.workers, self.sample_bytes, self.max_document_bytes = dedup, workers, sample_bytes, \
             max_document_bytes
-        self.progress = progress
+        self.batch_bytes, self.progress = batch_bytes, progress
 
     def _docs(self, stats: dict, start=(0, 0, 0), unknown: dict | None = None):
         return iter_documents(self.files or [], self.field, stats, start, self.max_document_bytes, self.hf, unknown)
@@ -579,14 +586,20 @@ class _Run:
             return self._stream(progress, resumed)
         except ValueError:
             # Bad input: the partial work cannot be resumed (fixing the input changes the fingerprint).
-            if getattr(self, "db", None) is not None:
-                self.db.close()
+            self._close_db()
             shutil.rmtree(self.staging, ignore_errors=True)
             raise
         except BaseException:
             print(f"prepare_data: stopped; run the same command again to continue after the last finished shard "
                   f"(kept in {self.staging})", file=sys.stderr)
             raise
+        finally:
+            self._close_db()  # what came after the last checkpoint is rolled back
+
+    def _close_db(self) -> None:
+        if getattr(self, "db", None) is not None:
+            self.db.close()
+            self.db = None
 
     def _stream(self, p: dict, resumed: bool) -> dict:
         from tqdm import tqdm
@@ -603,14 +616,14 @@ class _Run:
                    + writers["val"].tokens, disable=(None if self.progress is None else not self.progress),
                    file=sys.stderr, smoothing=0.1)
         started, last_checkpoint = time.perf_counter(), time.perf_counter()
-        tokens_at_start = bar.n
         pending: deque = deque()
-        due = False
+        due, new_tokens = False, 0
 
         def consume() -> None:
-            nonlocal due
+            nonlocal due, new_tokens
             train, val = pending.popleft().get() if self.pool else pending.popleft()
             due |= bool(writers["train"].append(train) + writers["val"].append(val))
+            new_tokens += len(train) + len(val)
             bar.update(len(train) + len(val))
             bar.set_postfix(docs=p["kept"], dup=p["duplicates"], shards=writers["train"].shards + writers["val"].shards,
                             refresh=False)
@@ -636,7 +649,7 @@ class _Run:
                 texts.append(text)
                 to_val.append(v)
                 size += len(text)
-                if size >= BATCH_BYTES:
+                if size >= self.batch_bytes:
                     submit(texts, to_val)
                     texts, to_val, size = [], [], 0
                     if due or time.perf_counter() - last_checkpoint > CHECKPOINT_SECONDS:
@@ -669,8 +682,8 @@ class _Run:
                 "shards": {s: w.finish() for s, w in writers.items()}, "fingerprint": self.fp, "settings": self.settings}
         print(f"prepare_data: {meta['train_tokens'] + meta['val_tokens']} tokens from {p['kept']} documents "
               f"({p['duplicates']} exact duplicates removed) in {seconds:.1f} s, "
-              f"{(bar.n - tokens_at_start) / max(seconds, 1e-9):.0f} tokens/s", file=sys.stderr)
-        self.db.close()
+              f"{new_tokens / max(seconds, 1e-9):.0f} tokens/s", file=sys.stderr)
+        self._close_db()
         self._publish(meta)
         return meta
 
@@ -728,6 +741,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact-duplicate documents")
     ap.add_argument("--max-document-bytes", type=int, default=16 << 20,
                     help="text files larger than this are cut into documents of at most this size at line breaks")
+    ap.add_argument("--batch-bytes", type=int, default=1 << 20,
+                    help="text per tokenization task (memory: about 2 x workers tasks in flight)")
     ap.add_argument("--max-bytes", type=int, default=6_000_000, help="size cap of the default corpus")
     ap.add_argument("--hf-dataset", help="a Hugging Face dataset name or save_to_disk folder (needs `datasets`)")
     ap.add_argument("--hf-config", help="the dataset's configuration name")
@@ -742,7 +757,8 @@ def main(argv=None) -> int:
                        args.max_bytes, args.shard_tokens, args.overwrite, workers=args.workers, dedup=args.dedup,
                        hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
                        tokenizer_sample_bytes=args.tokenizer_sample_bytes,
-                       max_document_bytes=args.max_document_bytes, progress=args.progress)
+                       max_document_bytes=args.max_document_bytes, batch_bytes=args.batch_bytes,
+                       progress=args.progress)
     except (ValueError, FileNotFoundError) as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     print(json.dumps({k: v for k, v in meta.items() if k != "settings"}))
