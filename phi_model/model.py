@@ -294,7 +294,7 @@ class PhiForCausalLM(nn.Module):
         n = self.num_params() - self.model.embed_tokens.weight.numel()
         return 6.0 * n + 6.0 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int = 20, *, do_sample: bool = False,
+    def generate(self, input_ids: Tensor, *, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  attention_mask: Tensor | None = None, seed: int | None = None) -> Tensor:

@@ -177,6 +177,29 @@ def test_generate_left_padded_batch_matches_unpatched(arch):
     torch.testing.assert_close(patched.eval().generate(ids, **kw), expect)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_attention_function_softcap_window_gqa_padding_against_dense_math(causal):
+    """The interface function alone, on what a Gemma-like model passes (softcap, a sliding window,
+    GQA, a right-padded 2-D mask), against the dense softmax written out here."""
+    from phi_kernels.integrations._hf_attention import phi_kernels_attention_forward
+
+    b, h, hkv, t, d, window, cap, scale = 2, 4, 2, 9, 64, 4, 5.0, 0.2
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 6:] = False
+    module = torch.nn.Module()
+    module.is_causal = causal
+    out, _ = phi_kernels_attention_forward(module, q, k, v, mask, scaling=scale, sliding_window=window, softcap=cap)
+    kk, vv = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)  # (b, h, t, d)
+    s = cap * torch.tanh(q @ kk.transpose(-1, -2) * scale / cap)
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None]
+    visible = ((j <= i) if causal else (j <= i + window - 1)) & (j >= i - (window - 1))  # flash_attention_2's window
+    visible = visible & mask[:, None, None, :]
+    expect = (s.masked_fill(~visible, float("-inf")).softmax(-1) @ vv).transpose(1, 2)  # (b, t, h, d)
+    torch.testing.assert_close(out[mask], expect[mask], rtol=1e-5, atol=1e-5)
+    assert bool((out[~mask] == 0).all())
+
+
 # ----------------------------------------------------------------------------- loading and class patches
 
 
