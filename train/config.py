@@ -116,9 +116,12 @@ def _type_problem(name: str, value) -> str | None:
         ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     else:
         ok, want = isinstance(value, str), "a string"
-    if type(None) in args:
+    if ok:
+        return None
+    optional = type(None) in args
+    if optional and base is str:
         want += " or null"
-    return None if ok else f"expected {want}, got {type(value).__name__} {value!r}"
+    return f"expected {want}, got {type(value).__name__} {value!r}" + (" (or null)" if optional and base is not str else "")
 
 
 def build_parser():
@@ -280,8 +283,8 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if cfg.world_size is not None and not cfg.dry_run:
         problems.append(f"--world-size {cfg.world_size} is for --dry-run only: a run takes its world size from "
                         "torchrun (--nnodes x --nproc-per-node)")
-    if cfg.dry_run:
-        world_size = cfg.world_size or 1
+    if cfg.dry_run and cfg.world_size is not None:
+        world_size = cfg.world_size  # the plan's GPUs, not this process's WORLD_SIZE
     if not isinstance(world_size, int) or world_size < 1:
         problems.append(f"WORLD_SIZE must be a positive integer, got {world_size!r}")
         world_size = 1
@@ -290,6 +293,8 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if problems:
         raise SystemExit("bad configuration:\n  " + "\n  ".join(problems))
     resolved = resolve(cfg, world_size)
+    if cfg.dry_run:
+        resolved = dataclasses.replace(resolved, world_size=world_size)
     if resolved.warmup_steps >= resolved.max_steps:
         raise SystemExit(f"--warmup-steps must be below max_steps={resolved.max_steps}, got {cfg.warmup_steps}")
     return resolved

@@ -88,8 +88,8 @@ def build_meta_model(cfg: TrainConfig):
 
 
 def plan(cfg: TrainConfig) -> dict:
-    """Every figure --dry-run prints, for a config resolved for cfg.world_size GPUs."""
-    world = cfg.world_size or 1
+    """Every figure --dry-run prints, for a config resolved (validate) for cfg.world_size GPUs."""
+    world = cfg.world_size
     model = build_meta_model(cfg)
     precision = resolve_precision(cfg, on_gpu=True)  # a plan of the GPU run: the recipe's precision
     n_params = model.num_params()

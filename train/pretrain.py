@@ -119,6 +119,8 @@ model_cfg = dataclasses.replace(base_cfg, vocab_size=max(base_cfg.vocab_size, me
 model = PhiForCausalLM(model_cfg)
 model.gradient_checkpointing = cfg.gradient_checkpointing
 loss_model = CausalLMLoss(model)
+n_params = model.num_params()  # counted now: ZeRO-3 leaves each rank a partition of every parameter
+flops_per_token = model.flops_per_token(cfg.seq_len)
 if cfg.zero_stage == 3 and cfg.fused_loss:
     for p in model.lm_head.parameters():
         deepspeed.zero.register_external_parameter(loss_model, p)
@@ -207,7 +209,6 @@ def evaluate() -> float:
 
 # ----------------------------------------------------------------------------- training loop
 tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * world * cfg.seq_len
-flops_per_token = model.flops_per_token(cfg.seq_len)
 peak = cfg.peak_tflops or next((v for k, v in GPU_PEAK_TFLOPS.items() if on_gpu and k in torch.cuda.get_device_name()),
                                0.0)
 metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -221,7 +222,7 @@ if rank == 0:
     writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
     offload = (f"; optimizer offloaded to the host ({type(optimizer).__name__} backend {backend})"
                if cfg.offload_optimizer == "cpu" else "")
-    print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M params, vocab {model_cfg.vocab_size}; "
+    print(f"model {cfg.model}: {n_params / 1e6:.1f}M params, vocab {model_cfg.vocab_size}; "
           f"{world} ranks x micro-batch {cfg.micro_batch_size} x accum {cfg.grad_accum} x seq {cfg.seq_len} = "
           f"{tokens_per_step} tokens/step, {cfg.max_steps} steps; {precision}, ZeRO-{cfg.zero_stage}{offload}; "
           f"{'fused' if cfg.fused_loss else 'unfused'} loss; MFU uses {flops_per_token / 1e6:.1f} MFLOP/token "
