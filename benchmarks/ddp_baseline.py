@@ -30,8 +30,8 @@ def main(data: str, steps: int, micro: int, seq: int, loss_kind: str) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": d.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=d.lr, betas=(d.beta1, d.beta2), eps=d.eps, fused=True)
+    groups = [{"params": decay, "weight_decay": d.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=d.lr, betas=(d.beta1, d.beta2), eps=d.eps, fused=True)
     loader = TokenLoader(data, "train", seq, micro, rank, world, d.seed)
     times, first_loss = [], None
     for _ in range(steps):

@@ -84,7 +84,8 @@ def test_global_batch_that_does_not_divide_is_refused_with_a_fix():
 
 
 def test_token_budget_gives_steps_from_the_actual_global_batch():
-    cfg = resolve(parse_args(["--tokens", "1e6", "--seq-len", "256", "--micro-batch-size", "8", "--grad-accum", "2"]), 2)
+    argv = ["--tokens", "1e6", "--seq-len", "256", "--micro-batch-size", "8", "--grad-accum", "2"]
+    cfg = resolve(parse_args(argv), 2)
     assert cfg.max_steps == 123  # 1e6 / (8 x 2 x 2 x 256 = 8192) = 122.07, rounded up
     cfg = resolve(parse_args(["--tokens", "8192", "--seq-len", "256", "--micro-batch-size", "8"]), 4)
     assert cfg.max_steps == 1  # exactly one step of 8 x 4 x 256 = 8192 tokens

@@ -121,7 +121,8 @@ def _type_problem(name: str, value) -> str | None:
     optional = type(None) in args
     if optional and base is str:
         want += " or null"
-    return f"expected {want}, got {type(value).__name__} {value!r}" + (" (or null)" if optional and base is not str else "")
+    null = " (or null)" if optional and base is not str else ""
+    return f"expected {want}, got {type(value).__name__} {value!r}{null}"
 
 
 def build_parser():
@@ -131,7 +132,8 @@ def build_parser():
 
     parser = HfArgumentParser(TrainConfig, description="phi pretraining with DeepSpeed ZeRO (see train/pretrain.py). "
                               "Precedence: defaults < the --model recipe < --config file < command line.")
-    parser.add_argument("--config", default=None, help="JSON file of TrainConfig fields (the command line overrides it)")
+    parser.add_argument("--config", default=None,
+                        help="JSON file of TrainConfig fields (the command line overrides it)")
     return parser
 
 

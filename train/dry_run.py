@@ -46,7 +46,8 @@ class StageMemory:
         return self.params + self.grads + self.optimizer
 
 
-def zero_memory(n_params: int, world: int, stage: int, precision: str, offload: bool) -> tuple[float, float, float, float]:
+def zero_memory(n_params: int, world: int, stage: int, precision: str,
+                offload: bool) -> tuple[float, float, float, float]:
     """(params, grads, optimizer states on the GPU, optimizer states on the host), bytes per GPU."""
     p, g, o = STATE_BYTES[precision]
     params = p * n_params / (world if stage >= 3 else 1)
@@ -74,8 +75,9 @@ def deepspeed_estimate(stage: int, n_params: int, largest_layer: int, world: int
     if stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-        return float(estimate_zero3_model_states_mem_needs(n_params, largest_layer, per_node, nodes, cpu_offload=offload,
-                                                           cpu_offload_params=False, zero_init=True)[1])
+        return float(estimate_zero3_model_states_mem_needs(n_params, largest_layer, per_node, nodes,
+                                                           cpu_offload=offload, cpu_offload_params=False,
+                                                           zero_init=True)[1])
     return None
 
 
@@ -146,7 +148,8 @@ def render(p: dict) -> str:
     for s in p["stages"]:
         mark = " <" if s.stage == cfg["zero_stage"] else ""
         lines.append(f"  {s.stage:>4}  {_gib(s.params):>6}  {_gib(s.grads):>5}  {_gib(s.optimizer):>9}  "
-                     f"{_gib(s.gpu_total):>9}  {_gib(s.host_optimizer if offload else None):>14}  {_gib(s.deepspeed_gpu):>24}{mark}")
+                     f"{_gib(s.gpu_total):>9}  {_gib(s.host_optimizer if offload else None):>14}  "
+                     f"{_gib(s.deepspeed_gpu):>24}{mark}")
     lines += ["  (DeepSpeed's estimators count 4 more bytes per parameter for fp32 gradients and have none for "
               "stages 0-1)", "", f"wall time at MFU {p['mfu']:.0%}"]
     for gpu, seconds in p["wall_seconds"].items():

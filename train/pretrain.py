@@ -176,7 +176,8 @@ def gather(obj):
 
 def client_state() -> dict:
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    return {"step": step, "loader": gather(train_loader.state_dict()), "rng": gather(rng), "config": dataclasses.asdict(cfg)}
+    return {"step": step, "loader": gather(train_loader.state_dict()), "rng": gather(rng),
+            "config": dataclasses.asdict(cfg)}
 
 
 def mean_over_ranks(total: torch.Tensor, count: int) -> float:
