@@ -8,6 +8,10 @@ never imported by the evaluator), with a JSON request on stdin; prints one JSON 
            `- runner  pid 2: rlimits, then (as root) setgroups/setgid/setuid to an unprivileged
                       uid, no_new_privs, fresh temp directory as cwd; exec()s the program
 
+Started by a normal (non-root) user, the launcher also unshares a user namespace (so it may create
+the others) and sets RLIMIT_NPROC before creating it, which a new user namespace inherits; the
+program then runs as that user, already unprivileged.
+
 Why this shape:
   * RLIMIT_NPROC is not enforced for root (CAP_SYS_RESOURCE), and root could raise any limit
     again: the runner becomes an unprivileged uid before the program starts, so the process
@@ -90,7 +94,8 @@ def _run_program(req: dict, workdir: str, result_fd: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         cpu = max(math.ceil(req["cpu_seconds"]), 1)  # RLIMIT_CPU counts whole seconds
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # soft: SIGXCPU, hard: SIGKILL
-        resource.setrlimit(resource.RLIMIT_NPROC, (req["nproc"], req["nproc"]))
+        if req["drop_to_uid"] is not None:  # root: the limit binds once the uid is dropped below
+            resource.setrlimit(resource.RLIMIT_NPROC, (req["nproc"], req["nproc"]))
         if req["drop_to_uid"] is not None:
             os.setgroups([])  # supplementary groups first, while still root
             os.setgid(req["drop_to_gid"])
@@ -236,6 +241,11 @@ def main() -> None:
     try:
         if root:
             os.chown(workdir, req["drop_to_uid"], req["drop_to_gid"])
+        if not root:
+            # RLIMIT_NPROC counts every task of the real uid (the user's other processes too), and
+            # a new user namespace takes its process limit from its creator: set it here, first.
+            n = req["nproc"] + _tasks_of_uid(os.getuid()) + 2  # + this launcher's reaper and runner
+            resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
         flags = CLONE_NEWPID | CLONE_NEWNET | (0 if root else CLONE_NEWUSER)
         problem = _unshare(flags) if req["namespaces"] else None
         if problem:
@@ -245,8 +255,6 @@ def main() -> None:
             _write_id_maps(os.getuid(), os.getgid())
         if not root:
             req["drop_to_uid"] = None  # already unprivileged
-            # RLIMIT_NPROC counts every task of the real uid: the user's other processes too.
-            req["nproc"] += _tasks_of_uid(os.getuid())
         r, w = os.pipe()
         started = time.monotonic()
         reaper = os.fork()
