@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from train.data import HEADER, TokenLoader, WindowPermutation, shard_header, write_shard
+from train.data import HEADER, TokenLoader, WindowPermutation, shard_header, shard_paths, write_shard
 
 
 def _data_dir(root, shard_sizes: list[int], seed: int = 0, val_tokens: int = 0) -> tuple[str, np.ndarray]:
@@ -108,6 +108,13 @@ def test_ranks_cover_each_window_once_per_epoch_and_resume_exactly(tmp_path):
     a.load_state_dict(state)
     for i, row in zip(indices, a.next_batch()):  # rows are the windows the indices name
         assert np.array_equal(row.numpy(), tokens[i * seq:(i + 1) * seq])
+
+
+def test_shards_are_read_in_number_order(tmp_path):
+    for k in (0, 2, 999, 1000, 10000, 1001, 1):
+        (tmp_path / f"train_{k:03d}.bin").write_bytes(b"")
+    assert [p.rsplit("_", 1)[1] for p in shard_paths(str(tmp_path), "train")] == \
+        ["000.bin", "001.bin", "002.bin", "999.bin", "1000.bin", "1001.bin", "10000.bin"]
 
 
 def test_open_memory_maps_are_bounded(tmp_path):

@@ -94,7 +94,8 @@ def read_shard(path: str) -> np.ndarray:
 
 
 def shard_paths(data_dir: str, split: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+    """The split's shards in number order (train_999.bin before train_1000.bin)."""
+    return sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")), key=lambda p: (len(p), p))
 
 
 def read_meta(data_dir: str) -> dict:
@@ -112,16 +113,21 @@ def read_meta(data_dir: str) -> dict:
 
 
 def check_shards(data_dir: str, split: str, meta: dict) -> tuple[list[str], list[int]]:
-    """The split's shard paths and token counts (from the headers alone), refused when they are
-    not the ones meta.json describes (a stale shard from an earlier run, a missing one, a
-    different token count)."""
+    """The split's shard paths, in meta.json's order, and token counts (from the headers alone),
+    refused when they are not the ones meta.json describes (a stale shard from an earlier run, a
+    missing one, a different token count)."""
     paths = shard_paths(data_dir, split)
     names = [os.path.basename(p) for p in paths]
     listed = (meta.get("shards") or {}).get(split)
     where = os.path.join(data_dir, "meta.json")
-    if listed is not None and sorted(listed) != names:
-        raise ValueError(f"{data_dir}: the {split} shards on disk {names} are not the ones {where} lists "
-                         f"{sorted(listed)} (files from another run?): prepare the directory again with --overwrite")
+    if listed is not None:
+        if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+            raise ValueError(f"{where}: shards.{split} expected a list of file names, got {listed!r:.80}")
+        if sorted(listed) != sorted(names):
+            raise ValueError(f"{data_dir}: the {split} shards on disk {names} are not the ones {where} lists "
+                             f"{sorted(listed)} (files from another run?): prepare the directory again with "
+                             "--overwrite")
+        paths = [os.path.join(data_dir, name) for name in listed]
     counts = [read_shard_header(p)[1] for p in paths]
     if sum(counts) != meta[f"{split}_tokens"]:
         raise ValueError(f"{data_dir}: the {split} shards hold {sum(counts)} tokens but {where} says "
