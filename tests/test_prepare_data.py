@@ -153,6 +153,21 @@ def test_resume_keeps_finished_shards_and_gives_the_same_result(tmp_path, tokeni
     assert not staging.exists()
 
 
+def _die(*args):
+    os._exit(3)  # a tokenizer worker killed (for memory, say)
+
+
+def test_a_dead_worker_stops_the_run_resumably(tmp_path, tokenizer, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(50)))
+    monkeypatch.setattr(prep, "_encode", _die)  # the forked workers inherit it
+    with pytest.raises(BrokenProcessPool):
+        prep.prepare(str(tmp_path / "out"), [str(src)], tokenizer=tokenizer, workers=2, progress=False)
+    assert (tmp_path / ".out.prepare-partial" / "state.sqlite").exists() and not (tmp_path / "out").exists()
+
+
 def test_used_directory_is_kept_refused_or_replaced_whole(tmp_path, tokenizer, capsys):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": _doc(i)}) + "\n" for i in range(120)))

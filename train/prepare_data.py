@@ -621,7 +621,7 @@ class _Run:
 
         def consume() -> None:
             nonlocal due, new_tokens
-            train, val = pending.popleft().get() if self.pool else pending.popleft()
+            train, val = pending.popleft().result() if self.pool else pending.popleft()
             due |= bool(writers["train"].append(train) + writers["val"].append(val))
             new_tokens += len(train) + len(val)
             bar.update(len(train) + len(val))
@@ -632,8 +632,12 @@ class _Run:
             while len(pending) >= max(1, 2 * self.workers):
                 consume()
             args = (texts, to_val, eos, dtype.str)
-            pending.append(self.pool.apply_async(_encode, args) if self.pool else _encode(*args))
+            pending.append(self.pool.submit(_encode, *args) if self.pool else _encode(*args))
 
+        # Set while the workers fork (lazily, at the first task): stops tokenizers from warning in
+        # every child that the parent had used its thread pool (training the BPE).
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.pool = self._start_pool()
         try:
             texts, to_val, size = [], [], 0
@@ -663,8 +667,11 @@ class _Run:
                 consume()
         finally:
             if self.pool:
-                self.pool.terminate()
-                self.pool.join()
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            if previous is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
             bar.close()
         if unknown.get("count"):
             print(f"prepare_data: skipped {unknown['count']} file(s) of unknown type (known: {', '.join(KNOWN_SUFFIXES)}"
@@ -693,18 +700,13 @@ class _Run:
             _worker_tokenizer = self.tok
             return None
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
+        # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (killed for memory)
+        # breaks the pool with an error instead of leaving its task waited for forever.
         # fork: the workers need no re-import of the caller's __main__ (train/pretrain.py is a script).
-        # TOKENIZERS_PARALLELISM, set for the fork only, stops tokenizers warning in every child.
-        previous = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            return multiprocessing.get_context("fork").Pool(self.workers, _init_worker, (self.tok.to_str(),))
-        finally:
-            if previous is None:
-                del os.environ["TOKENIZERS_PARALLELISM"]
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = previous
+        return ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), _init_worker,
+                                   (self.tok.to_str(),))
 
     def _checkpoint(self, p: dict, writers: dict) -> None:
         for s, w in writers.items():
