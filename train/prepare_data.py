@@ -46,6 +46,7 @@ import sys
 import sysconfig
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -527,17 +528,29 @@ def prepare(out: str, inputs: list[str] | None = None, field: str = "text", toke
                 os.remove(lock_path)
 
 
+@dataclass
 class _Run:
     """One preparation: resume or start the partial directory, stream, checkpoint, publish."""
 
-    def __init__(self, out, staging, fp, settings, files, hf, field, tok, vocab_size, val_every, shard_tokens, dedup,
-                 workers, sample_bytes, max_document_bytes, batch_bytes, progress):
-        self.out, self.staging, self.fp, self.settings, self.files, self.hf = out, staging, fp, settings, files, hf
-        self.field, self.tok, self.vocab_size, self.val_every, self.shard_tokens = field, tok, vocab_size, val_every, \
-            shard_tokens
-        self.dedup, self.workers, self.sample_bytes, self.max_document_bytes = dedup, workers, sample_bytes, \
-            max_document_bytes
-        self.batch_bytes, self.progress = batch_bytes, progress
+    out: str
+    staging: str
+    fp: str
+    settings: dict
+    files: list[str] | None
+    hf: dict | None
+    field: str
+    tok: object  # tokenizers.Tokenizer, or None to train one
+    vocab_size: int
+    val_every: int
+    shard_tokens: int
+    dedup: bool
+    workers: int
+    sample_bytes: int
+    max_document_bytes: int
+    batch_bytes: int
+    progress: bool | None
+    db: SeenDigests | None = None
+    pool: object = None
 
     def _docs(self, stats: dict, start=(0, 0, 0), unknown: dict | None = None):
         return iter_documents(self.files or [], self.field, stats, start, self.max_document_bytes, self.hf, unknown)
@@ -597,7 +610,7 @@ class _Run:
             self._close_db()  # what came after the last checkpoint is rolled back
 
     def _close_db(self) -> None:
-        if getattr(self, "db", None) is not None:
+        if self.db is not None:
             self.db.close()
             self.db = None
 
