@@ -16,12 +16,13 @@ It is saved as <out>/tokenizer.json.
 
 How it runs: the main process reads documents one at a time, drops exact duplicates (a 128-bit
 BLAKE2b digest per document, looked up in an SQLite table on disk: RAM holds its page cache, not
-the set), sends every --val-every'th kept document to validation, and hands batches of about
-1 MiB of text to --workers processes that tokenize them with HF tokenizers' batch encoding; a
-bounded number of batches is in flight. Tokens go to fixed-size shards of --shard-tokens tokens
+the set), sends every --val-every'th kept document to validation, and hands batches of
+--batch-bytes of text (1 MiB) to --workers processes that tokenize them with HF tokenizers' batch
+encoding; at most 2 x workers batches are in flight. Tokens go to fixed-size shards of --shard-tokens tokens
 as they arrive (<split>_NNN.bin, see train/data.py for the format; one EOS after every document).
-Memory is bounded by the batch size, the worker count, the SQLite cache and the largest single
-document, never by the corpus.
+Memory is bounded by the batch size, the worker count, the SQLite cache, the largest single
+document (a JSONL line) and Parquet row group, and (without --tokenizer) the BPE training sample,
+never by the corpus. A hub dataset is fingerprinted by name, config and split only.
 
 Resume and reuse: work happens in <out>'s sibling .<name>.prepare-partial/, checkpointed (shards
 done, the position in the inputs, the digests, the counts, in one SQLite transaction) each time a
