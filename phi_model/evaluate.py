@@ -8,7 +8,7 @@
     python -m phi_model.evaluate --task humaneval --completions samples.jsonl
     # lm-evaluation-harness with our kernels: every argument after --lm-eval goes to lm-eval's CLI
     python -m phi_model.evaluate --lm-eval --model phi_kernels --model_args pretrained=DIR \\
-        --tasks winogrande,arc_easy,arc_challenge,boolq,piqa,hellaswag,openbookqa,siqa,mmlu
+        --tasks winogrande,arc_easy,arc_challenge,boolq,piqa,hellaswag,openbookqa,social_iqa,mmlu
 
 Generated code runs only in phi_model/eval/sandbox.py's sandbox (one process per sample, pid and
 network namespaces, an unprivileged uid, CPU/wall/memory/process limits), never in this process.
@@ -128,17 +128,21 @@ def _humaneval(args: argparse.Namespace) -> int:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         lm = load_causal_lm(args.checkpoint, device=device, batch_size=args.batch_size)
-        print(f"generating {args.samples} completion(s) for {len(problems)} problems with {lm.kind} "
-              f"({args.checkpoint}, {device})", file=sys.stderr)
-        completions = generate_completions(
-            lm, problems, samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-            max_new_tokens=args.max_new_tokens,
-            progress=lambda j, n: print(f"  sample {j}/{n} done ({time.monotonic() - started:.0f} s)",
-                                        file=sys.stderr))
+        from tqdm import tqdm
+
+        with tqdm(total=len(problems) * args.samples, unit="completion", file=sys.stderr,
+                  desc=f"generating with {lm.kind} on {device}") as bar:
+            completions = generate_completions(
+                lm, problems, samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                max_new_tokens=args.max_new_tokens, on_batch=bar.update)
         meta.update(checkpoint=args.checkpoint, model_kind=lm.kind, samples_per_problem=args.samples,
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                     max_new_tokens=args.max_new_tokens, mode="greedy" if args.temperature == 0 else "sampled")
-    result = score(problems, completions, limits=limits, workers=args.workers)
+    from tqdm import tqdm
+
+    runs = sum(len(completions.get(p["task_id"], [])) for p in problems)
+    with tqdm(total=runs, unit="sample", file=sys.stderr, desc="running the tests in the sandbox") as bar:
+        result = score(problems, completions, limits=limits, workers=args.workers, on_done=lambda i, o: bar.update())
     meta["seconds"] = round(time.monotonic() - started, 1)
     print(format_table(result))
     if args.output is not None:

@@ -77,19 +77,18 @@ def read_completions(path: str, problems: list[dict]) -> dict[str, list[str]]:
 
 def generate_completions(lm, problems: list[dict], *, samples: int = 1, temperature: float = 0.0,
                          top_p: float | None = None, seed: int = 0, max_new_tokens: int = 384,
-                         progress=None) -> dict[str, list[str]]:
+                         on_batch=None) -> dict[str, list[str]]:
     """`samples` completions per problem from a loaded checkpoint (phi_model.eval.loading.CausalLM),
     cut at STOP_SEQUENCES. Sample j of every problem uses seed + j: one call per sample index,
-    batching different problems (generate gives every row of a call the same seed)."""
+    batching different problems (generate gives every row of a call the same seed).
+    on_batch(n): n more completions are done."""
     out: dict[str, list[str]] = {p["task_id"]: [] for p in problems}
     prompts = [p["prompt"] for p in problems]
     for j in range(samples):
         texts = lm.complete(prompts, max_new_tokens=max_new_tokens, stop=STOP_SEQUENCES, temperature=temperature,
-                            top_p=top_p, seed=seed + j)
+                            top_p=top_p, seed=seed + j, on_batch=on_batch)
         for p, text in zip(problems, texts):
             out[p["task_id"]].append(text)
-        if progress is not None:
-            progress(j + 1, samples)
     return out
 
 

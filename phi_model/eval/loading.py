@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -80,28 +81,32 @@ class CausalLM:
             return self.model(input_ids=ids, attention_mask=mask).logits.float()
 
     def complete(self, prompts: list[str], *, max_new_tokens: int, stop: list[str], temperature: float = 0.0,
-                 top_p: float | None = None, seed: int | None = None) -> list[str]:
+                 top_p: float | None = None, seed: int | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> list[str]:
         """One completion per prompt, cut at the first stop sequence (see complete_ids)."""
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         return self.complete_ids(encoded, max_new_tokens=max_new_tokens, stop=stop, temperature=temperature,
-                                 top_p=top_p, seed=seed)
+                                 top_p=top_p, seed=seed, on_batch=on_batch)
 
     def complete_ids(self, encoded: list[list[int]], *, max_new_tokens: int, stop: list[str],
-                     temperature: float = 0.0, top_p: float | None = None, seed: int | None = None) -> list[str]:
+                     temperature: float = 0.0, top_p: float | None = None, seed: int | None = None,
+                     on_batch: Callable[[int], None] | None = None) -> list[str]:
         """Completions of token-id prompts, decoded in batches of similar length (batch_size rows
         per call), each cut at the first stop sequence. A prompt that leaves no room in the
-        model's context (max_length) gets ""."""
+        model's context (max_length) gets "". on_batch(n): n more prompts are done."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out = [""] * len(encoded)
         fits = [i for i in order if 0 < len(encoded[i]) < self.max_length]
+        if on_batch is not None and len(fits) < len(encoded):
+            on_batch(len(encoded) - len(fits))
         for start in range(0, len(fits), self.batch_size):
             rows = fits[start:start + self.batch_size]
             room = min(max_new_tokens, self.max_length - max(len(encoded[i]) for i in rows))
-            if room <= 0:
-                continue
             texts = self._generate([encoded[i] for i in rows], room, stop, temperature, top_p, seed)
             for i, text in zip(rows, texts):
                 out[i] = truncate_at_stop(text, stop)
+            if on_batch is not None:
+                on_batch(len(rows))
         return out
 
     def _generate(self, batch: list[list[int]], max_new_tokens: int, stop: list[str], temperature: float,
