@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,23 @@ def measure_loader(data: str, seq_len: int = 2048, micro_batch: int = 8, world: 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def sparse_corpus(directory: str, shards: int = 3000, shard_tokens: int = 50_000_000) -> None:
+    """A prepared directory of the paper's size (3000 x 50M = 150B tokens) in sparse files: valid
+    uint16 shards of zeros that occupy no disk blocks, to time the loader's start at that scale."""
+    from train.data import HEADER, shard_header, write_shard
+
+    os.makedirs(directory, exist_ok=True)
+    names = [f"train_{k:03d}.bin" for k in range(shards)]
+    for name in names:
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(shard_header(2, shard_tokens))
+            f.truncate(HEADER.size + 2 * shard_tokens)
+    write_shard(os.path.join(directory, "val_000.bin"), np.zeros(0, dtype=np.int64))
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump({"vocab_size": 51200, "eos_token_id": 0, "train_tokens": shards * shard_tokens, "val_tokens": 0,
+                   "shards": {"train": names, "val": ["val_000.bin"]}}, f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gigabytes", type=float, default=1.0, help="size of the generated JSONL corpus")
@@ -140,6 +158,12 @@ def main() -> None:
         print(f"prepare: {results['prepare']}", flush=True)
         results["loader"] = measure_loader(os.path.join(work, "shards"))
         print(f"loader: {results['loader']}", flush=True)
+        sys.path.insert(0, ROOT)
+        sparse_corpus(os.path.join(work, "paper_scale"))
+        results["loader_150B_tokens_sparse"] = measure_loader(os.path.join(work, "paper_scale"), world=128)
+        print(f"loader, 150B tokens in 3000 sparse shards, rank 0 of 128: {results['loader_150B_tokens_sparse']}",
+              flush=True)
+        shutil.rmtree(os.path.join(work, "paper_scale"))
         print(json.dumps(results, indent=1))
 
 
