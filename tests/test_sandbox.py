@@ -112,6 +112,12 @@ def test_unprivileged_fresh_directory_and_limits_cannot_be_raised():
         assert os.listdir(".") == ["output.txt"], os.listdir(".")   # a fresh directory, ours alone
         open("scratch.txt", "w").write("x")                          # writable
         assert tempfile.gettempdir() == os.getcwd()
+        try:  # the directory holding it: enterable, not listable (other samples' files stay hidden)
+            os.listdir("..")
+        except PermissionError:
+            pass
+        else:
+            raise AssertionError("the parent directory is listable")
         for limit in (resource.RLIMIT_NPROC, resource.RLIMIT_AS, resource.RLIMIT_CPU):
             soft, hard = resource.getrlimit(limit)
             try:

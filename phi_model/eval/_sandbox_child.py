@@ -237,8 +237,14 @@ def main() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     root = os.geteuid() == 0
-    workdir = tempfile.mkdtemp(prefix="phi-sandbox-")
+    # The program's directory sits under a random name inside a directory it may enter but not
+    # list: programs running at the same time share the sandbox uid, and must not find (and
+    # delete) each other's files.
+    outer = tempfile.mkdtemp(prefix="phi-sandbox-")
+    workdir = os.path.join(outer, os.urandom(16).hex())
     try:
+        os.chmod(outer, 0o711)
+        os.mkdir(workdir, 0o700)
         if root:
             os.chown(workdir, req["drop_to_uid"], req["drop_to_gid"])
         if not root:
@@ -292,7 +298,7 @@ def main() -> None:
         result["seconds"] = round(elapsed, 3)
         print(json.dumps(result), flush=True)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(outer, ignore_errors=True)
 
 
 if __name__ == "__main__":
