@@ -93,9 +93,10 @@ sys.path.insert(0, {root!r})
 import numpy as np, torch
 from train.data import TokenLoader
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def rss_mb():  # anonymous memory, and pages of mapped files (the shards' page cache, reclaimable)
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {{k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}}
 
 before = rss_mb()
 t = time.perf_counter()

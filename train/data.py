@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import mmap
 import os
 import struct
 import sys
@@ -91,6 +92,21 @@ def read_shard(path: str) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(n,))
+
+
+def map_shard_for_random_reads(path: str) -> np.ndarray:
+    """The shard's tokens as a read-only memory map advised MADV_RANDOM: a training window is a few
+    KiB at a random place, and the kernel's default read-ahead around each fault reads far more
+    (measured on the 1 GB corpus's shards, page cache dropped, 100 batches of 8 x 2048 tokens =
+    6.25 MiB of windows: 415 MiB read from disk without the advice, 6 MiB with it)."""
+    dtype, n = read_shard_header(path)
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the descriptor
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mm, dtype=dtype, count=n, offset=HEADER.size)
 
 
 def shard_paths(data_dir: str, split: str) -> list[str]:
@@ -224,7 +240,7 @@ class TokenLoader:
         if k in self._maps:
             self._maps.move_to_end(k)
         else:
-            self._maps[k] = read_shard(self.paths[k])
+            self._maps[k] = map_shard_for_random_reads(self.paths[k])
             if len(self._maps) > self.OPEN_SHARDS:
                 self._maps.popitem(last=False)
         return self._maps[k]
