@@ -135,7 +135,8 @@ def _humaneval(args: argparse.Namespace) -> int:
             completions = generate_completions(
                 lm, problems, samples=args.samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                 max_new_tokens=args.max_new_tokens, on_batch=bar.update)
-        meta.update(checkpoint=args.checkpoint, model_kind=lm.kind, samples_per_problem=args.samples,
+        meta.update(checkpoint=args.checkpoint, model_kind=lm.kind, attention=lm.attention,
+                    samples_per_problem=args.samples,
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                     max_new_tokens=args.max_new_tokens, mode="greedy" if args.temperature == 0 else "sampled")
     from tqdm import tqdm

@@ -164,15 +164,21 @@ def test_sampling_uses_a_seed_per_sample_index(phi_dir):
 
 
 def test_transformers_model_completions_equal_single_prompt_generate(tmp_path):
+    """A non-Phi checkpoint runs on transformers with our attention; its batched (left-padded)
+    completions equal transformers' own eager attention decoding each prompt alone."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    lm = load_causal_lm(tiny_llama_checkpoint(str(tmp_path / "llama")), batch_size=4)
-    assert lm.kind == "transformers"
+    directory = tiny_llama_checkpoint(str(tmp_path / "llama"))
+    lm = load_causal_lm(directory, batch_size=4)
+    assert lm.kind == "transformers" and lm.attention == "phi_kernels"
+    assert lm.model.config._attn_implementation == "phi_kernels"
+    oracle = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
     prompts = [p["prompt"][:n] for p, n in zip(load_problems(3), (60, 90, 40))]
     got = lm.complete(prompts, max_new_tokens=10, stop=["e"])
     for prompt, text in zip(prompts, got):
         ids = torch.tensor([lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        seq = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+        seq = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                                 do_sample=False, pad_token_id=lm.eos_token_id, eos_token_id=lm.eos_token_id)
         new = [t for t in seq[0, ids.shape[1]:].tolist() if t != lm.eos_token_id]
         assert text == truncate_at_stop(lm.tokenizer.decode(new), ["e"])
@@ -225,3 +231,23 @@ def test_cli_refuses_generation_flags_with_completions(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--task", "humaneval", "--completions", str(f), "--temperature", "0.8"])
     assert "--completions skips" in capsys.readouterr().err
+
+
+def test_transformers_model_without_the_attention_interface_falls_back(tmp_path, monkeypatch):
+    """A model class that refuses attn_implementation="phi_kernels" loads with transformers' own
+    attention, and says so."""
+    from transformers import AutoModelForCausalLM
+
+    directory = tiny_llama_checkpoint(str(tmp_path / "llama"))
+    original = AutoModelForCausalLM.from_pretrained
+
+    def refusing(*args, **kwargs):
+        if kwargs.get("attn_implementation") == "phi_kernels":
+            raise ValueError("this model does not support the attention interface")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refusing)
+    lm = load_causal_lm(directory)
+    assert lm.kind == "transformers"
+    assert "phi_kernels attention not applicable: this model does not support" in lm.attention
+    assert lm.model.config._attn_implementation != "phi_kernels"

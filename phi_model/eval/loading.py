@@ -6,7 +6,8 @@
 A directory whose config.json is a Phi model (transformers' `phi`, or Microsoft's `phi-msft`
 format) loads into phi_model.PhiForCausalLM, so generation runs on our kernels with
 phi_model.generate's KV-cache batched decoding; any other causal LM transformers can load uses
-AutoModelForCausalLM. The tokenizer: the directory's transformers tokenizer files, or a bare
+AutoModelForCausalLM, with our flash attention (attn_implementation="phi_kernels") where the
+model class supports transformers' attention interface. The tokenizer: the directory's transformers tokenizer files, or a bare
 tokenizer.json (what train/pretrain.py exports into out/final).
 """
 from __future__ import annotations
@@ -58,13 +59,15 @@ def load_tokenizer(directory: str):
 
 @dataclass
 class CausalLM:
-    """A loaded checkpoint: `kind` is "phi_model" or "transformers"."""
+    """A loaded checkpoint: `kind` is "phi_model" or "transformers"; `attention` says which
+    attention runs ("phi_model", "phi_kernels", or transformers' own and why)."""
     model: torch.nn.Module
     tokenizer: object
     kind: str
     eos_token_id: int | None
     max_length: int
     batch_size: int = 8
+    attention: str = ""  # the attention implementation the model runs with
 
     @property
     def device(self) -> torch.device:
@@ -178,12 +181,29 @@ def load_causal_lm(directory: str, *, device: str | torch.device = "cpu", dtype:
         model = PhiForCausalLM.from_pretrained(directory, dtype=dtype, device=device).eval()
         eos, max_length = model.config.eos_token_id, model.config.max_position_embeddings
         kind = "phi_model"
+        attention = "phi_model"
     else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+        model, attention = _load_transformers_model(directory, dtype)
+        model = model.to(device).eval()
         eos = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else tokenizer.eos_token_id
         max_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         kind = "transformers"
     return CausalLM(model=model, tokenizer=tokenizer, kind=kind, eos_token_id=eos, max_length=int(max_length),
-                    batch_size=batch_size)
+                    batch_size=batch_size, attention=attention)
+
+
+def _load_transformers_model(directory: str, dtype: torch.dtype | None) -> tuple[torch.nn.Module, str]:
+    """The model with our attention (attn_implementation="phi_kernels", registered by
+    phi_kernels.integrations.transformers) when its class takes an attention implementation;
+    otherwise transformers' default attention. Returns (model, the attention used)."""
+    from transformers import AutoModelForCausalLM
+
+    import phi_kernels.integrations.transformers as integration
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
+                                                     attn_implementation=integration.ATTN_IMPLEMENTATION)
+        return model, integration.ATTN_IMPLEMENTATION
+    except (ValueError, NotImplementedError) as e:  # a model class without the attention interface
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        return model, f"{model.config._attn_implementation} (phi_kernels attention not applicable: {e})"
