@@ -649,9 +649,11 @@ class _Run:
             pending.append(self.pool.submit(_encode, *args) if self.pool else _encode(*args))
 
         # Set while the workers fork (lazily, at the first task): stops tokenizers from warning in
-        # every child that the parent had used its thread pool (training the BPE).
+        # every child that the parent had used its thread pool (training the BPE). Inline
+        # (workers=0), the batch encoding keeps its own threads.
         previous = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        if self.workers:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.pool = self._start_pool()
         try:
             texts, to_val, size = [], [], 0
@@ -683,7 +685,7 @@ class _Run:
             if self.pool:
                 self.pool.shutdown(wait=True, cancel_futures=True)
             if previous is None:
-                del os.environ["TOKENIZERS_PARALLELISM"]
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = previous
             bar.close()
