@@ -12,8 +12,12 @@ import pytest
 
 from phi_model.eval.sandbox import SandboxLimits, check_sandbox, run_program, run_programs
 
-# Small limits keep the bad programs short: a fork bomb is capped at 16 processes for 2 s.
-FAST = SandboxLimits(cpu_seconds=1, wall_seconds=3, memory_bytes=1 << 30, max_processes=16)
+# Small limits keep the bad programs short: a fork bomb is capped at 16 processes for 2 s. A uid
+# of this test process's own (no account needed): RLIMIT_NPROC counts per uid, so sandboxes that
+# other runs on the same machine start as nobody do not change the counts checked here.
+TEST_UID = 60000 + os.getpid() % 1000
+FAST = SandboxLimits(cpu_seconds=1, wall_seconds=3, memory_bytes=1 << 30, max_processes=16, uid=TEST_UID,
+                     gid=TEST_UID)
 
 
 def _sandbox_uid_tasks(uid: int) -> int:
@@ -164,7 +168,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_launcher_started_by_a_normal_user(tmp_path):
-    """An evaluator that is not root (a user's machine): the launcher, run here as uid 65534,
+    """An evaluator that is not root (a user's machine): the launcher, run here as another uid,
     takes the unprivileged user-namespace path, and the process and network guards still hold."""
     import json
     import shutil
@@ -176,10 +180,10 @@ def test_launcher_started_by_a_normal_user(tmp_path):
     python, setpriv = shutil.which("python3", path="/usr/bin:/bin"), shutil.which("setpriv")
     if os.geteuid() != 0 or not python or not setpriv:
         pytest.skip("needs root, setpriv and a system python3 to start the launcher as another user")
-    as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I"]
-    if subprocess.run([*as_nobody, "-c", "pass"], capture_output=True).returncode != 0:
-        pytest.skip(f"{python} cannot run as uid 65534 here")
-    folder = tempfile.mkdtemp(prefix="phi-launcher-")  # readable by uid 65534, unlike tmp_path
+    as_user = [setpriv, f"--reuid={TEST_UID}", f"--regid={TEST_UID}", "--clear-groups", python, "-I"]
+    if subprocess.run([*as_user, "-c", "pass"], capture_output=True).returncode != 0:
+        pytest.skip(f"{python} cannot run as uid {TEST_UID} here")
+    folder = tempfile.mkdtemp(prefix="phi-launcher-")  # readable by another uid, unlike tmp_path
     try:
         os.chmod(folder, 0o755)
         launcher = shutil.copy(sandbox._LAUNCHER, folder)
@@ -187,16 +191,17 @@ def test_launcher_started_by_a_normal_user(tmp_path):
 
         def run(program: str) -> dict:
             request = dict(program=program, cpu_seconds=1, wall_seconds=5, memory_bytes=1 << 30,
-                           file_size_bytes=1 << 20, nproc=16, drop_to_uid=65534, drop_to_gid=65534, namespaces=True)
-            done = subprocess.run([*as_nobody, launcher], input=json.dumps(request), capture_output=True, text=True,
+                           file_size_bytes=1 << 20, nproc=16, drop_to_uid=TEST_UID, drop_to_gid=TEST_UID,
+                           namespaces=True)
+            done = subprocess.run([*as_user, launcher], input=json.dumps(request), capture_output=True, text=True,
                                   timeout=60)
             return json.loads(done.stdout.strip().splitlines()[-1])
 
-        assert run("import os\nassert os.getuid() == 65534\n")["status"] == "passed"
+        assert run(f"import os\nassert os.getuid() == {TEST_UID}\n")["status"] == "passed"
         forks = run("import os, time\nfor _ in range(50):\n    if os.fork() == 0:\n        time.sleep(30)\n")
         assert forks["status"] == "failed" and "BlockingIOError" in forks["detail"], forks
         net = run("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=2)\n")
         assert net["status"] == "failed" and "unreachable" in net["detail"], net
-        assert _sandbox_uid_tasks(65534) == 0
+        assert _sandbox_uid_tasks(TEST_UID) == 0
     finally:
         shutil.rmtree(folder, ignore_errors=True)

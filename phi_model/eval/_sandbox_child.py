@@ -76,7 +76,8 @@ def _unshare(flags: int) -> str | None:
 
 
 def _write_id_maps(outer_uid: int, outer_gid: int) -> None:
-    """Not root: inside the new user namespace this process maps itself to its own ids."""
+    """Not root: inside the new user namespace this process maps itself to its own ids (read
+    before the unshare: inside an unmapped namespace getuid() is the overflow id 65534)."""
     with open("/proc/self/setgroups", "w") as f:
         f.write("deny")
     with open("/proc/self/uid_map", "w") as f:
@@ -237,6 +238,7 @@ def main() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     root = os.geteuid() == 0
+    outer_uid, outer_gid = os.getuid(), os.getgid()  # before a user namespace hides them (overflow id)
     # The program's directory sits under a random name inside a directory it may enter but not
     # list: programs running at the same time share the sandbox uid, and must not find (and
     # delete) each other's files.
@@ -258,7 +260,7 @@ def main() -> None:
             _fail_setup(f"{problem}; the sandbox needs pid and network namespaces "
                         f"({'as root' if root else 'unprivileged user namespaces'})")
         if not root and req["namespaces"]:
-            _write_id_maps(os.getuid(), os.getgid())
+            _write_id_maps(outer_uid, outer_gid)
         if not root:
             req["drop_to_uid"] = None  # already unprivileged
         r, w = os.pipe()
