@@ -97,8 +97,12 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                                               ("--top-p", args.top_p, None)) if v != d]
         if generation_flags:
             ap.error(f"{', '.join(generation_flags)} set generation, which --completions skips")
-    if args.checkpoint is not None and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
-        ap.error(f"--checkpoint {args.checkpoint!r}: no config.json there (expected a checkpoint directory)")
+    if args.checkpoint is not None:
+        if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+            ap.error(f"--checkpoint {args.checkpoint!r}: no config.json there (expected a checkpoint directory)")
+        tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+        if not any(os.path.isfile(os.path.join(args.checkpoint, f)) for f in tokenizer_files):
+            ap.error(f"--checkpoint {args.checkpoint!r}: no tokenizer (tokenizer.json or tokenizer_config.json) there")
     if args.output is not None:
         parent = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(parent):

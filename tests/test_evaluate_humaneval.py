@@ -51,7 +51,8 @@ BAD_COMPLETIONS = {
     "infinite loop": "    while True:\n        pass\n",
     "sys.exit": "    import sys\n    sys.exit(0)\n",
     "exit at import": "    pass\nimport sys\nsys.exit(0)\n",
-    "fork bomb": "    import os\n    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\n",
+    "fork bomb": ("    import os\n    while True:\n        try:\n            os.fork()\n"
+                  "        except OSError:\n            pass\n"),
     "10 GB": "    x = bytearray(10 * 1024**3)\n    return True\n",
 }
 
@@ -223,6 +224,13 @@ def test_cli_refuses_bad_flags_before_acting(tmp_path, phi_dir, capsys, argv, me
         main(["--task", "humaneval", "--checkpoint", phi_dir, *argv])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_checkpoint_without_tokenizer(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["--task", "humaneval", "--checkpoint", str(tmp_path)])
+    assert "no tokenizer" in capsys.readouterr().err
 
 
 def test_cli_refuses_generation_flags_with_completions(tmp_path, capsys):

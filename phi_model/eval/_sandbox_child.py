@@ -47,10 +47,10 @@ import time
 # interpreter's standard library (a Python installed under a private home, e.g. pyenv in
 # /root): the modules generated code commonly imports stay available. Modules already
 # imported cost nothing to import again.
-PRELOAD = ("abc", "array", "bisect", "cmath", "collections", "copy", "dataclasses", "datetime", "decimal", "encodings.idna", "enum",
-           "fractions", "functools", "hashlib", "heapq", "itertools", "math", "numbers", "operator", "queue", "random",
-           "re", "socket", "statistics", "string", "struct", "subprocess", "textwrap", "threading", "typing",
-           "unicodedata")
+PRELOAD = ("abc", "array", "bisect", "cmath", "collections", "copy", "dataclasses", "datetime", "decimal",
+           "encodings.idna", "enum", "fractions", "functools", "hashlib", "heapq", "itertools", "math", "numbers",
+           "operator", "queue", "random", "re", "socket", "statistics", "string", "struct", "subprocess", "textwrap",
+           "threading", "typing", "unicodedata")
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000

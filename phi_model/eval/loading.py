@@ -7,8 +7,9 @@ A directory whose config.json is a Phi model (transformers' `phi`, or Microsoft'
 format) loads into phi_model.PhiForCausalLM, so generation runs on our kernels with
 phi_model.generate's KV-cache batched decoding; any other causal LM transformers can load uses
 AutoModelForCausalLM, with our flash attention (attn_implementation="phi_kernels") where the
-model class supports transformers' attention interface. The tokenizer: the directory's transformers tokenizer files, or a bare
-tokenizer.json (what train/pretrain.py exports into out/final).
+model class supports transformers' attention interface. The tokenizer: the directory's
+transformers tokenizer files, or a bare tokenizer.json (what train/pretrain.py exports into
+out/final).
 """
 from __future__ import annotations
 
