@@ -127,3 +127,28 @@ def test_bad_model_args_are_refused(checkpoint):
         PhiKernelsLM(pretrained=checkpoint, dtype="float8")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         PhiKernelsLM(pretrained=os.path.join(checkpoint, "missing"))
+
+
+def test_shared_prefixes_run_once_and_score_the_same(checkpoint):
+    """Requests whose model input equals, or is a prefix of, another request's share its forward;
+    each scores as it does alone."""
+    from phi_model.eval.lm_eval_adapter import PhiKernelsLM
+
+    lm = PhiKernelsLM(pretrained=checkpoint, batch_size=8, dtype="float32")
+    requests = [(None, [5, 6, 7], [8]), (None, [5, 6, 7], [9]),  # same input (5, 6, 7)
+                (None, [5, 6], [7, 8, 9]),                       # input (5, 6, 7, 8): hosts the two above
+                (None, [5], [6]),                                # input (5,): a prefix too
+                (None, [11, 12], [13, 14])]                      # unrelated
+    rows_run = []
+    logits = lm.lm.logits
+
+    def counting(ids, lengths):
+        rows_run.extend(lengths)
+        return logits(ids, lengths)
+
+    lm.lm.logits = counting
+    together = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert sorted(rows_run) == [3, 4]  # two forwards: (5, 6, 7, 8) and (11, 12, 13)
+    alone = [lm._loglikelihood_tokens([r], disable_tqdm=True)[0] for r in requests]
+    for (lp, greedy), (lp_alone, greedy_alone) in zip(together, alone):
+        assert lp == pytest.approx(lp_alone, abs=1e-5) and greedy == greedy_alone
