@@ -152,3 +152,14 @@ def test_shared_prefixes_run_once_and_score_the_same(checkpoint):
     alone = [lm._loglikelihood_tokens([r], disable_tqdm=True)[0] for r in requests]
     for (lp, greedy), (lp_alone, greedy_alone) in zip(together, alone):
         assert lp == pytest.approx(lp_alone, abs=1e-5) and greedy == greedy_alone
+
+
+def test_cli_default_device_without_a_gpu(checkpoint):
+    """lm-eval's CLI asks for cuda:0 unless told otherwise: without a GPU the model runs on the CPU."""
+    import torch
+
+    from phi_model.eval.lm_eval_adapter import PhiKernelsLM
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: cuda:0 is used as asked")
+    assert PhiKernelsLM(pretrained=checkpoint, device="cuda:0").device == torch.device("cpu")

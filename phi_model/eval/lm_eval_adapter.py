@@ -61,7 +61,9 @@ class PhiKernelsLM(TemplateLM):
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
         if max_length is not None and int(max_length) < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length!r}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm-eval's CLI asks for cuda:0 by default; like its HFLM, use the CPU when there is no GPU
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self._batch = _batch_size(batch_size)
         self.lm = load_causal_lm(pretrained, device=device, dtype=_DTYPES.get(dtype), batch_size=self._batch)
         self.tokenizer = self.lm.tokenizer
