@@ -61,7 +61,53 @@ input_ids = torch.randint(0, 8192, (2, 12))
 prompt_ids = torch.randint(0, 8192, (5,))
 ids_a, ids_b, ids_c = [5, 6, 7], [8, 9], [10, 11, 12, 13]
 """,
+    # A tiny transformers Phi saved where the example's Hub name points: from_pretrained then
+    # reads the local folder (no network).
+    "hf_hub_dir": """
+import torch, transformers
+torch.manual_seed(0)
+_cfg = transformers.PhiConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=64)
+transformers.PhiForCausalLM(_cfg).save_pretrained("microsoft/phi-1_5")
+""",
+    "hf_models": """
+import torch, transformers
+torch.manual_seed(0)
+phi = transformers.PhiForCausalLM(transformers.PhiConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
+llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2))
+""",
+    "hf_trainer": """
+import torch, transformers
+from transformers import Trainer, TrainingArguments
+torch.manual_seed(0)
+model = transformers.PhiForCausalLM(transformers.PhiConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
+args = TrainingArguments(output_dir="trainer_out", max_steps=2, per_device_train_batch_size=2, report_to=[],
+                         use_cpu=True, learning_rate=1e-3)
+_ids = torch.randint(0, 128, (4, 8))
+ds = [{"input_ids": r, "labels": r} for r in _ids]
+""",
+    "phi_generate": """
+import torch
+from phi_model import PhiConfig, PhiForCausalLM
+torch.manual_seed(0)
+model = PhiForCausalLM(PhiConfig.from_name("tiny"))
+input_ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])      # left padding
+""",
 }
+
+
+def _revert_class_patches() -> None:
+    """An example that patches transformers' classes must not leak the patch into other tests."""
+    import sys
+
+    integration = sys.modules.get("phi_kernels.integrations.transformers")
+    if integration is not None:
+        integration.revert_phi_kernels_patches()
 
 
 def _blocks() -> list:
@@ -98,4 +144,7 @@ def test_readme_example_runs(mark, code, tmp_path, monkeypatch):
         key, _, name = mark.partition("=")
         assert key == "setup" and name in SETUPS, f"unknown README marker {mark!r}"
         exec(compile(SETUPS[name], f"<setup {name}>", "exec"), namespace)
-    exec(compile(_statements(code), "<README example>", "exec"), namespace)
+    try:
+        exec(compile(_statements(code), "<README example>", "exec"), namespace)
+    finally:
+        _revert_class_patches()
