@@ -142,8 +142,9 @@ def test_loader_allocates_nothing_proportional_to_the_corpus(tmp_path, shards):
     for name in names:
         _sparse_shard(str(tmp_path / name), n)
     write_shard(str(tmp_path / "val_000.bin"), np.zeros(0, dtype=np.int64))
-    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50000, "eos_token_id": 0, "train_tokens": shards * n,
-                                                    "val_tokens": 0, "shards": {"train": names, "val": ["val_000.bin"]}}))
+    meta = {"vocab_size": 50000, "eos_token_id": 0, "train_tokens": shards * n, "val_tokens": 0,
+            "shards": {"train": names, "val": ["val_000.bin"]}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
     tracemalloc.start()
     try:
         loader = TokenLoader(str(tmp_path), "train", 1024, 8, rank=3, world=8, seed=1)

@@ -690,7 +690,8 @@ class _Run:
                 os.environ["TOKENIZERS_PARALLELISM"] = previous
             bar.close()
         if unknown.get("count"):
-            print(f"prepare_data: skipped {unknown['count']} file(s) of unknown type (known: {', '.join(KNOWN_SUFFIXES)}"
+            print(f"prepare_data: skipped {unknown['count']} file(s) of unknown type "
+                  f"(known: {', '.join(KNOWN_SUFFIXES)}"
                   f"): {', '.join(unknown['names'])}{' ...' if unknown['count'] > 5 else ''}", file=sys.stderr)
         if stats:
             print(f"prepare_data: skipped documents: {', '.join(f'{v} {k}' for k, v in sorted(stats.items()))}",
@@ -698,11 +699,13 @@ class _Run:
         if p["kept"] == 0:
             raise ValueError(f"no documents found in the inputs {self.files or self.hf}")
         seconds = time.perf_counter() - started
-        meta = {"vocab_size": vocab, "eos_token_id": eos, "documents": p["kept"], "duplicate_documents": p["duplicates"],
+        meta = {"vocab_size": vocab, "eos_token_id": eos, "documents": p["kept"],
+                "duplicate_documents": p["duplicates"],
                 "skipped_documents": stats, "skipped_files": unknown.get("count", 0),
                 "train_documents": p["documents"]["train"], "val_documents": p["documents"]["val"],
                 "train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens,
-                "shards": {s: w.finish() for s, w in writers.items()}, "fingerprint": self.fp, "settings": self.settings}
+                "shards": {s: w.finish() for s, w in writers.items()}, "fingerprint": self.fp,
+                "settings": self.settings}
         print(f"prepare_data: {meta['train_tokens'] + meta['val_tokens']} tokens from {p['kept']} documents "
               f"({p['duplicates']} exact duplicates removed) in {seconds:.1f} s, "
               f"{new_tokens / max(seconds, 1e-9):.0f} tokens/s", file=sys.stderr)
