@@ -1,6 +1,8 @@
-"""Build phi_kernels._C, the C++/CUDA extension of phi-kernels.
+"""Build phi_kernels._C, the C++/CUDA extension of phi-kernels (the rest of the packaging is in
+pyproject.toml).
 
-    pip install --no-build-isolation -e .
+    pip install -r requirements-build.txt              # torch first: the extension compiles against it
+    pip install --no-build-isolation -e ".[test]"
 
 What gets built:
   * phi_kernels._C from every csrc/**/*.cpp file outside csrc/simt and csrc/tests (op schemas,
@@ -26,7 +28,7 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -102,7 +104,7 @@ def _import_torch_from_target_env():
     except ImportError as e:
         raise SystemExit(
             "phi-kernels: building the extension needs torch installed first:\n"
-            "    pip install -r requirements.txt && pip install --no-build-isolation -e .\n"
+            "    pip install -r requirements-build.txt && pip install --no-build-isolation -e .\n"
             f"({e})"
         )
 
@@ -194,12 +196,5 @@ if cuda_home is not None and os.environ.get("PHI_KERNELS_SIMT", "1") != "0":
 else:
     print("phi_kernels: no CUDA toolkit headers (or PHI_KERNELS_SIMT=0): not building the SIMT emulator")
 
-setup(
-    name="phi-kernels",
-    version="0.1.0",
-    description="phi-1.5 training on hand-written CUDA, Triton and CPU kernels",
-    packages=find_packages(include=["phi_kernels*", "phi_model*", "train*", "benchmarks*"]),
-    python_requires=">=3.10",
-    ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExtension},
-)
+# Name, version, dependencies, packages and console scripts: pyproject.toml.
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})

@@ -57,8 +57,7 @@ def write_jsonl_corpus(path: str, n_bytes: int, seed: int = 0, dup_every: int = 
 
 _PREPARE = """
 import json, resource, sys, time
-sys.path.insert(0, {root!r})
-from train.prepare_data import prepare
+from phi_train.prepare_data import prepare
 t = time.perf_counter()
 meta = prepare(**{kwargs!r})
 seconds = time.perf_counter() - t
@@ -89,9 +88,8 @@ def measure_prepare(**kwargs) -> dict:
 
 _LOADER = """
 import json, os, resource, sys, time
-sys.path.insert(0, {root!r})
 import numpy as np, torch
-from train.data import TokenLoader
+from phi_train.data import TokenLoader
 
 def rss_mb():  # anonymous memory, and pages of mapped files (the shards' page cache, reclaimable)
     with open("/proc/self/status") as f:
@@ -124,7 +122,7 @@ def measure_loader(data: str, seq_len: int = 2048, micro_batch: int = 8, world: 
 def sparse_corpus(directory: str, shards: int = 3000, shard_tokens: int = 50_000_000) -> None:
     """A prepared directory of the paper's size (3000 x 50M = 150B tokens) in sparse files: valid
     uint16 shards of zeros that occupy no disk blocks, to time the loader's start at that scale."""
-    from train.data import HEADER, shard_header, write_shard
+    from phi_train.data import HEADER, shard_header, write_shard
 
     os.makedirs(directory, exist_ok=True)
     names = [f"train_{k:03d}.bin" for k in range(shards)]
@@ -159,7 +157,6 @@ def main() -> None:
         print(f"prepare: {results['prepare']}", flush=True)
         results["loader"] = measure_loader(os.path.join(work, "shards"))
         print(f"loader: {results['loader']}", flush=True)
-        sys.path.insert(0, ROOT)
         sparse_corpus(os.path.join(work, "paper_scale"))
         results["loader_150B_tokens_sparse"] = measure_loader(os.path.join(work, "paper_scale"), world=128)
         print(f"loader, 150B tokens in 3000 sparse shards, rank 0 of 128: {results['loader_150B_tokens_sparse']}",

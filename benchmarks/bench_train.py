@@ -30,8 +30,7 @@ MICRO, SEQ = 8, 256
 def data_dir():
     d = os.path.join(ROOT, "data", "stdlib")
     if not os.path.exists(os.path.join(d, "meta.json")):
-        sys.path.insert(0, ROOT)
-        from train.prepare_data import prepare
+        from phi_train.prepare_data import prepare
 
         prepare(d)
     return d

@@ -10,10 +10,9 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_model import PhiConfig, PhiForCausalLM  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.data import TokenLoader  # noqa: E402
+from phi_train.config import TrainConfig  # noqa: E402
+from phi_train.data import TokenLoader  # noqa: E402
 
 
 def main(data: str, steps: int, micro: int, seq: int, loss_kind: str) -> None:

@@ -24,10 +24,9 @@ from phi_model.generate import generate, generate_stream, main as generate_main,
 from phi_model.loss import fused_linear_cross_entropy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from train.config import TrainConfig, parse_args, validate  # noqa: E402
-from train.data import TokenLoader, read_shard, write_shard  # noqa: E402
-from train.prepare_data import main as prepare_main, prepare  # noqa: E402
+from phi_train.config import TrainConfig, parse_args, validate
+from phi_train.data import TokenLoader, read_shard, write_shard
+from phi_train.prepare_data import main as prepare_main, prepare
 
 VOCAB = 64
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from train.data import HEADER, TokenLoader, WindowPermutation, shard_header, shard_paths, write_shard
+from phi_train.data import HEADER, TokenLoader, WindowPermutation, shard_header, shard_paths, write_shard
 
 
 def _data_dir(root, shard_sizes: list[int], seed: int = 0, val_tokens: int = 0) -> tuple[str, np.ndarray]:

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from train.config import parse_args, validate
-from train.dry_run import GiB, plan, render
+from phi_train.config import parse_args, validate
+from phi_train.dry_run import GiB, plan, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # phi-1.5: vocab V, width C, MLP F, L layers, seq T.
@@ -67,7 +67,7 @@ def test_offload_moves_the_optimizer_states_to_the_host():
 
 
 def test_plan_builds_the_model_on_meta_only():
-    from train.dry_run import build_meta_model
+    from phi_train.dry_run import build_meta_model
 
     cfg = validate(parse_args(["--model", "phi-1.5", "--dry-run"]), 1)
     assert all(t.device.type == "meta" for t in build_meta_model(cfg).parameters())

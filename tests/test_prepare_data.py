@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import train.prepare_data as prep
+import phi_train.prepare_data as prep
 from benchmarks.bench_data import measure_prepare, write_jsonl_corpus
-from train.data import read_shard
+from phi_train.data import read_shard
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from train.config import TrainConfig, deepspeed_config, parse_args, validate  # noqa: E402
-from train.data import TokenLoader, read_shard, write_shard  # noqa: E402
-from train.prepare_data import prepare  # noqa: E402
+from phi_train.config import TrainConfig, deepspeed_config, parse_args, validate
+from phi_train.data import TokenLoader, read_shard, write_shard
+from phi_train.prepare_data import prepare
 
 TEXTS = [f"def f{i}(x):\n    \"\"\"Return x times {i}.\"\"\"\n    return x * {i}\n" for i in range(400)]
 

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from train.config import (PHI15_GLOBAL_BATCH, PHI15_TOKENS, RECIPES, TrainConfig, build_parser, deepspeed_config,
+from phi_train.config import (PHI15_GLOBAL_BATCH, PHI15_TOKENS, RECIPES, TrainConfig, build_parser, deepspeed_config,
                           parse_args, resolve, validate)
 
 

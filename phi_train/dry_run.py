@@ -21,7 +21,7 @@ import json
 
 import torch
 
-from train.config import TrainConfig, deepspeed_config, model_config, resolve_precision
+from phi_train.config import TrainConfig, deepspeed_config, model_config, resolve_precision
 
 # Dense 16-bit tensor-core peaks, TFLOP/s per GPU (A100 SXM; H100 SXM). MFU is measured against these.
 GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0}

@@ -331,7 +331,7 @@ def _place_problems(cfg: TrainConfig, world_size: int) -> list[str]:
         problems.append(f"--data {cfg.data}: no prepared shards (meta.json); run "
                         f"python train/prepare_data.py --out {cfg.data} [--input FILES]")
     elif os.path.exists(meta_path):
-        from train.data import read_meta
+        from phi_train.data import read_meta
 
         try:
             m = read_meta(cfg.data)
@@ -354,7 +354,7 @@ def _place_problems(cfg: TrainConfig, world_size: int) -> list[str]:
 def _checkpoint_problems(cfg: TrainConfig) -> list[str]:
     """--resume needs a complete checkpoint; a fresh run must not write into another run's
     checkpoints (its saves would interleave with them and the pruning could drop its own)."""
-    from train.checkpoint import latest_tag
+    from phi_train.checkpoint import latest_tag
 
     ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
     try:
