@@ -26,6 +26,30 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// Non-finite 16-bit values (exponent all ones: inf or NaN) of a register holding two: bit 15
+// is set when the low half is one, bit 31 when the high half is. (x & exp) + exp's lowest bit
+// carries into the sign bit exactly when every exponent bit is set, and never into the other half.
+template <typename T>
+struct Half_bits;
+template <>
+struct Half_bits<__half> {
+  static constexpr uint32_t kExp = 0x7c00u, kExpLow = 0x0400u;  // 5 exponent bits
+};
+template <>
+struct Half_bits<__nv_bfloat16> {
+  static constexpr uint32_t kExp = 0x7f80u, kExpLow = 0x0080u;  // 8 exponent bits
+};
+template <typename T>
+__device__ __forceinline__ uint32_t nonfinite_halves(uint32_t pair) {
+  constexpr uint32_t kExp2 = Half_bits<T>::kExp * 0x10001u, kLow2 = Half_bits<T>::kExpLow * 0x10001u;
+  return ((pair & kExp2) + kLow2) & 0x80008000u;
+}
+// The register with its non-finite halves replaced by +0.
+template <typename T>
+__device__ __forceinline__ uint32_t zero_nonfinite(uint32_t pair) {
+  return pair & ~((nonfinite_halves<T>(pair) >> 15) * 0xffffu);
+}
+
 // Asynchronously copies rows [row0, row0 + kRows) x kCols of a row-major global matrix
 // (row stride in elements, 16-byte aligned rows) into a swizzled shared tile; rows at or
 // past `row_end` are zero-filled. All kThreads threads of the CTA take part.
@@ -86,8 +110,9 @@ __device__ __forceinline__ void load_a_frags(uint32_t (&a)[kK / 16][4], const T*
 
 // As warp_gemm_ss with A already in registers: a[kK / 16][4] fragments (the forward's Q, held
 // for the whole key loop, and its P, converted from the score accumulators without a round
-// trip through shared memory).
-template <int kNT, int kK, bool kBTrans, int kBPitch, typename T>
+// trip through shared memory). kZeroNonFiniteB: B's inf / NaN elements count as 0 (the
+// forward's P V in a tile whose V has some; the caller adds their exact contribution).
+template <int kNT, int kK, bool kBTrans, int kBPitch, bool kZeroNonFiniteB = false, typename T>
 __device__ __forceinline__ void warp_gemm_rs(float (&acc)[kNT][4], const uint32_t (&a)[kK / 16][4], const T* sB,
                                              int b_col0, int lane) {
   #pragma unroll
@@ -98,6 +123,10 @@ __device__ __forceinline__ void warp_gemm_rs(float (&acc)[kNT][4], const uint32_
       const RowCol bp = kBTrans ? ldm_b_trans(lane, k0, b_col0 + nt * 8) : ldm_b(lane, k0, b_col0 + nt * 8);
       const uint32_t b_addr = smem_addr(sB + Swizzled<kBPitch>::offset(bp.row, bp.col));
       if constexpr (kBTrans) ldmatrix_x4_trans(b, b_addr); else ldmatrix_x4(b, b_addr);
+      if constexpr (kZeroNonFiniteB) {
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) b[i] = zero_nonfinite<T>(b[i]);
+      }
       mma_16816<T>(acc[nt], a[k0 / 16], b[0], b[1]);
       mma_16816<T>(acc[nt + 1], a[k0 / 16], b[2], b[3]);
     }

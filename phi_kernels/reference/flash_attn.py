@@ -10,11 +10,19 @@ flash_attn_func and the tests' oracle. Same semantics as the kernels:
   mask drawn by `dropout_keep_mask` from (seed, batch * heads + head, row, col), the same hash
   the kernels use, so the reference reproduces a kernel's mask exactly;
 - a row with no visible key outputs 0 and has LSE = +inf (so exp(s - lse) = 0 in a backward);
-- non-finite inputs: a key a row cannot see never affects that row, whatever its k and v hold
-  (NaN included); a NaN the row sees, in its q or in the k of a visible key, makes its whole
-  output row and its LSE NaN; a NaN in v[j, c] of a visible key j makes out[row, c] NaN
-  (flash_math.h states the same rule for the kernels). Dropout does not hide a key: a dropped
-  visible key still counts as seen.
+- non-finite inputs (forward): a key a row cannot see never affects that row, whatever its k
+  and v hold (inf and NaN included); a NaN the row sees, in its q or in the k of a visible key,
+  makes its whole output row and its LSE NaN; out[row, c] is the IEEE sum over the visible keys
+  j of p[row, j] * v[j, c], so a NaN v[j, c] makes it NaN, an inf v[j, c] makes it inf of that
+  sign, or NaN where p[row, j] is 0 (underflow, dropout) or both signs meet (flash_math.h states
+  the same rule for the kernels; tests/test_bad_input_kernels.py holds every backend to it).
+  Dropout does not hide a key: a dropped visible key still counts as seen.
+- non-finite inputs (backward): unspecified beyond this: a NaN in v can reach dq of rows that
+  cannot see its key and dk of other keys (dO V^T is formed for every (row, key) pair the kernels
+  visit, and 0 * NaN = NaN), and dv stays finite; on small shapes every backend gives this
+  autograd's NaN pattern (tested), on longer ones the kernels skip tiles no row of which sees
+  the key and this dense autograd does not. For inf in v, or NaN / inf in q or k, the kernels'
+  dk / dv patterns differ from this autograd's.
 """
 from __future__ import annotations
 

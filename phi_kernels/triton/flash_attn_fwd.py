@@ -13,6 +13,10 @@ Grid: (cdiv(max_seqlen_q, BLOCK_M), batch * heads). A program owns BLOCK_M query
 head, streams K/V in BLOCK_N tiles and keeps the online softmax (running max m, sum l, acc) in
 fp32 registers; exponentials in base 2 (scale folded with log2 e). The key range is split into
 tiles that every row sees entirely (no mask arithmetic) and boundary tiles (masked).
+Non-finite V (flash_math.h's rule: a key a row cannot see never affects it): a masked key's
+p = 0 does not hide an inf / NaN v (0 * NaN = NaN), so boundary tiles count V's inf / NaN as 0,
+and only when there were some does a second pass (_nonfinite_v_patch) add what they contribute
+to the rows that see them; a finite V costs the boundary tiles one check.
 """
 from __future__ import annotations
 
@@ -115,15 +119,23 @@ def key_range(m0, m1, q_len, k_len, window_left, window_right, HAS_LEFT: tl.cons
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len,
+def _fwd_tiles(acc, m_i, l_i, v_bad, q, K, V, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len,
                blk_start, blk_end, qk_scale, softcap, window_left, window_right, seed, bh, dropout_p,
                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The online softmax over key tiles [blk_start, blk_end). MASKED tiles (some row misses some
+    key): a masked key's p = 0 does not hide a non-finite v (0 * inf = 0 * NaN = NaN), so their
+    inf / NaN elements of V count as 0 here, v_bad (int32 scalar) records that there were some,
+    and _add_nonfinite_v adds what they contribute to the rows that see them."""
     for blk in range(blk_start, blk_end):
         cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(K, cols, offs_d, stride_kn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
         v = load_tile(V, cols, offs_d, stride_vn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+        if MASKED:
+            nonfinite = (v != v) | (v == float("inf")) | (v == float("-inf"))
+            v_bad = tl.maximum(v_bad, tl.max(nonfinite.to(tl.int32)))
+            v = tl.where(nonfinite, 0.0, v).to(DOT_DTYPE)
         s, _t = scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
         if MASKED:
             s = tl.where(visible(rows, cols, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT), s,
@@ -138,7 +150,55 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, offs_d, head_
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, m_i, l_i, v_bad
+
+
+@triton.jit
+def _nonfinite_v_patch(patch, m_i, q, K, V, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len, qk_scale,
+                       softcap, window_left, window_right, seed, bh, dropout_p, SOFTCAP: tl.constexpr,
+                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+                       PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr):
+    """patch += what the inf / NaN elements of V add to the output: per (row, column), over the
+    keys j the row sees, the IEEE sum of p * v[j, c], p relative to the row's final max: NaN for
+    a NaN v, or for an inf v where p is 0 (underflow, dropout), else inf of v's sign, NaN where
+    both signs meet. Rare (run only when _fwd_tiles zeroed some in a masked tile). It walks every
+    key, 16 at a time (small tiles, nothing the main loop would have to keep alive: the compiled
+    kernel is at its register limit); for keys of the unmasked tiles it repeats what the main
+    product already added, which IEEE addition absorbs (inf + inf = inf, NaN + x = NaN)."""
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    for g in range(0, k_len, 16):  # 16 keys at a time: small tiles
+        keys = g + tl.arange(0, 16)
+        v = load_tile(V, keys, offs_d, stride_vn, k_len, head_dim, BF16_AS_INT16)  # (16, BLOCK_D) fp32
+        is_pos, is_neg, is_nan = v == float("inf"), v == float("-inf"), v != v
+        if tl.max((is_pos | is_neg | is_nan).to(tl.int32)) > 0:
+            k = load_tile(K, keys, offs_d, stride_kn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
+            s, _t = scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)  # (BLOCK_M, 16)
+            sees = visible(rows, keys, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(sees, tl.exp2(s - m_safe[:, None]), 0.0)
+            if DROPOUT:
+                p = tl.where(dropout_keep(seed, bh, rows, keys, dropout_p), p, 0.0)
+            # One product of weighted 0/1 indicators counts, per (row, column), +inf (1)
+            # and -inf (32) at keys seen with p != 0, and a NaN seen (1024) or any inf /
+            # NaN at a visible key whose p is 0 (1024 x the weight): below 1024 it is
+            # exact (at most 16 of each sign); 1024 or more means a NaN arises.
+            a = tl.where(sees & (p != 0.0), 1.0, tl.where(sees, 1024.0, 0.0)).to(DOT_DTYPE)
+            w = tl.where(is_pos, 1.0, tl.where(is_neg, 32.0, tl.where(is_nan, 1024.0, 0.0))).to(DOT_DTYPE)
+            counts = tl.dot(a, w, input_precision=PRECISION)
+            n_neg = tl.floor(counts * (1.0 / 32.0))
+            n_pos = counts - 32.0 * n_neg
+            extra = tl.where(n_pos > 0, float("inf"), 0.0) + tl.where(n_neg > 0, float("-inf"), 0.0)
+            patch = patch + tl.where(counts >= 1024.0, float("nan"), extra)  # +inf + -inf: NaN
+    return patch
+
+
+@triton.jit
+def _store_out(o_ptrs, out, o_mask, OUT, BF16_AS_INT16: tl.constexpr):
+    if BF16_AS_INT16:
+        bits = out.to(tl.int32, bitcast=True)
+        tl.store(o_ptrs, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16), mask=o_mask)
+    else:
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -173,19 +233,20 @@ def _flash_fwd_kernel(
         m1 = tl.minimum(m0 + BLOCK_M, q_len)
         lo, full_lo, full_hi, hi = key_range(m0, m1, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT,
                                              BLOCK_N)
+        v_bad = tl.zeros([], tl.int32)
         # Boundary tiles with masks, fully visible tiles without, boundary tiles again.
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len,
-                                   k_len, lo, full_lo, qk_scale, softcap, window_left, window_right, seed, bh,
-                                   dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16,
-                                   BLOCK_N, DOT_DTYPE)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len,
-                                   k_len, full_lo, full_hi, qk_scale, softcap, window_left, window_right, seed, bh,
-                                   dropout_p, False, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16,
-                                   BLOCK_N, DOT_DTYPE)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d, head_dim, q_len,
-                                   k_len, full_hi, hi, qk_scale, softcap, window_left, window_right, seed, bh,
-                                   dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT, PRECISION, BF16_AS_INT16,
-                                   BLOCK_N, DOT_DTYPE)
+        acc, m_i, l_i, v_bad = _fwd_tiles(acc, m_i, l_i, v_bad, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d,
+                                          head_dim, q_len, k_len, lo, full_lo, qk_scale, softcap, window_left,
+                                          window_right, seed, bh, dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                                          DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
+        acc, m_i, l_i, v_bad = _fwd_tiles(acc, m_i, l_i, v_bad, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d,
+                                          head_dim, q_len, k_len, full_lo, full_hi, qk_scale, softcap, window_left,
+                                          window_right, seed, bh, dropout_p, False, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                                          DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
+        acc, m_i, l_i, v_bad = _fwd_tiles(acc, m_i, l_i, v_bad, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d,
+                                          head_dim, q_len, k_len, full_hi, hi, qk_scale, softcap, window_left,
+                                          window_right, seed, bh, dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                                          DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         # lse in natural-log units; +inf for rows that saw no key (their backward p is 0).
@@ -193,13 +254,18 @@ def _flash_fwd_kernel(
         Ob = OUT + b.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_om + h * stride_oh
         o_ptrs = Ob + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :]
         o_mask = (rows[:, None] < q_len) & (offs_d[None, :] < head_dim)
-        if BF16_AS_INT16:
-            bits = out.to(tl.int32, bitcast=True)
-            tl.store(o_ptrs, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16), mask=o_mask)
-        else:
-            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+        _store_out(o_ptrs, out, o_mask, OUT, BF16_AS_INT16)
         Lb = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start
         tl.store(Lb + rows, lse, mask=rows < q_len)
+        if v_bad > 0:  # an inf / NaN in V of a masked tile (flash_math.h's rule for non-finite inputs)
+            # After the store, so that the main loop's registers are free.
+            patch = _nonfinite_v_patch(tl.zeros([BLOCK_M, BLOCK_D], tl.float32), m_i, q, Kb, Vb, stride_kn, stride_vn,
+                                       rows, offs_d, head_dim, q_len, k_len, qk_scale, softcap, window_left,
+                                       window_right, seed, bh, dropout_p, SOFTCAP, HAS_LEFT, HAS_RIGHT, DROPOUT,
+                                       PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
+            tl.debug_barrier()  # the stored rows are visible to every thread of the program
+            out = load_tile(Ob, rows, offs_d, stride_om, q_len, head_dim, BF16_AS_INT16) + patch
+            _store_out(o_ptrs, out, o_mask & (patch != 0.0), OUT, BF16_AS_INT16)  # NaN != 0 too
 
 
 # --------------------------------------------------------------------------- launcher
