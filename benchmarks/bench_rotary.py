@@ -14,6 +14,7 @@ import torch
 
 from benchmarks.harness import bench, quick_mode
 from phi_kernels import apply_rotary, backend_status, rotary_cos_sin
+from phi_kernels.rotary import RotaryArgs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -116,11 +117,12 @@ def test_rotary_kernel_only(benchmark, backend, seqlen):
         pytest.skip(f"{backend}: {status.reason}")
     q, k, cos, sin = _inputs(seqlen)
     oq, ok = torch.empty_like(q), torch.empty_like(k)
-    kernel = torch.ops.phi_kernels.rotary_kernel
+    kernel = torch.ops.phi_kernels.rotary_out
+    options = RotaryArgs(max_seqlen=seqlen).positional()
 
     def fn():
-        kernel(q, cos, sin, None, 0, None, seqlen, False, False, oq)
-        kernel(k, cos, sin, None, 0, None, seqlen, False, False, ok)
+        kernel(q, cos, sin, *options, oq)
+        kernel(k, cos, sin, *options, ok)
 
     bench(benchmark, fn, group=_group(seqlen), provider=f"phi_kernels {backend} kernel, preallocated out",
           ours=True, work=_bytes(q, cos), unit="GB/s", shape=tuple(q.shape), dtype=DTYPE, device=DEVICE)

@@ -11,9 +11,10 @@ TORCH_LIBRARY(phi_kernels, m) {
   // The launch the CUDA kernels would make for these arguments, [head_dim, grid_x, grid_y,
   // grid_z, threads, smem_bytes], or the error naming what they do not support. Pure host
   // code: the CPU tests check the CUDA host side with it.
-  m.def(
-      "flash_attn_cuda_plan(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, Tensor out, Tensor lse, bool backward) -> int[]");
+  // (Takes flash attention's options so that the one params builder reads it like the kernel
+  // ops; only the shapes matter.)
+  m.def("flash_attn_cuda_plan(Tensor q, Tensor k, Tensor v, " PHI_FLASH_ATTN_OPTIONS
+        ", Tensor out, Tensor lse, bool backward) -> int[]");
 }
 
 // A Python module with no functions: importing phi_kernels._C loads the library, and the

@@ -69,7 +69,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 def cuda_compiled() -> bool:
     """Whether the extension was built with its CUDA kernels (probed through the rotary op)."""
-    return has_kernel("rotary_kernel", "CUDA")
+    return has_kernel("rotary_out", "CUDA")
 
 
 def emu_load_error() -> str | None:

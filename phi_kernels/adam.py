@@ -8,8 +8,8 @@ torch.optim.AdamW's state_dict format, so a state saved by one loads into the ot
 
 Kernels: csrc/adam/ (CUDA multi-tensor apply, CPU C++; the update functor adam.h is shared),
 phi_kernels/triton/adam.py (pointer tables), phi_kernels/reference/adam.py (the oracle).
-The C++ op is torch.ops.phi_kernels.adam_step (schema in csrc/ops.cpp); the "cuda-emu" backend
-calls its twin torch.ops.phi_kernels_emu.adam_step (phi_kernels._simt: the CUDA kernel run on
+The C++ op is torch.ops.phi_kernels.adam_step_out (schema in csrc/op_schemas.h); the "cuda-emu" backend
+calls its twin torch.ops.phi_kernels_emu.adam_step_out (phi_kernels._simt: the CUDA kernel run on
 CPU tensors by the SIMT emulator, for testing).
 
 Per group, parameters are bucketed by (device, dtype, master weights, step); each bucket is one
@@ -486,7 +486,7 @@ class FusedAdam(torch.optim.Optimizer):
 
                 adam_step_triton(*args)
             else:  # "cpu", "cuda" or "cuda-emu": the C++ op
-                cpp_ops(name).adam_step(*args)
+                cpp_ops(name).adam_step_out(*args)
             torch._foreach_add_(steps, inc)
         return loss
 

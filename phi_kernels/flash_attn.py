@@ -35,11 +35,20 @@ for), "cpu" (csrc/flash_attn/flash_attn_cpu.cpp: every option, deterministic) an
 oracle; it materialises the attention matrix and autograd differentiates it). The kernel
 backends are registered as torch.library custom ops phi_kernels::flash_attn_forward /
 flash_attn_backward with fake implementations and autograd, so torch.compile traces them; both
-call the C++ ops flash_attn_fwd / flash_attn_bwd of phi_kernels._C for "cuda" and "cpu", and
-their phi_kernels_emu twins (same schemas) of phi_kernels._simt for "cuda-emu".
+call the C++ out-variant ops flash_attn_forward_out / flash_attn_backward_out of phi_kernels._C
+for "cuda" and "cpu", and their phi_kernels_emu twins (same schemas) of phi_kernels._simt for
+"cuda-emu", or the Triton launchers.
+
+Options: the kernels' options (cu_seqlens, max_seqlen, scale, window, softcap, dropout, seed,
+seqused_k) travel as one FlashAttnArgs (phi_kernels/_op_args.py), positional only at the
+torch.library boundary, in the order of PHI_FLASH_ATTN_OPTIONS (csrc/op_schemas.h). A new
+option is added to the schema fragment, FlashAttnArgs, Flash_params and make_params
+(csrc/flash_attn/flash.h, flash_attn_bind.h), the kernels (CPU, CUDA, Triton, the reference),
+the public signatures below and the tests.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -49,6 +58,7 @@ from torch import Tensor
 
 from phi_kernels import _extension
 from phi_kernels._backends import cpp_ops, resolve_backend
+from phi_kernels._op_args import OpArgs
 from phi_kernels._checks import FP32_MAX as _FP32_MAX
 from phi_kernels._checks import INT32_MAX as _INT32_MAX
 from phi_kernels._checks import cu_seqlens_lengths as _cu_seqlens_lengths
@@ -166,7 +176,8 @@ def _plan_smem(head_dim: int, backward: bool) -> int:
     the host-side plan op; it depends only on the instantiation)."""
     q = torch.empty(1, 64, 1, head_dim, dtype=torch.float16)
     lse = torch.empty(1, 1, 64)
-    return int(torch.ops.phi_kernels.flash_attn_cuda_plan(q, q, q, None, None, 0, 0, q, lse, backward)[-1])
+    options = FlashAttnArgs(max_seqlen_q=0, max_seqlen_k=0, softmax_scale=1.0).positional()
+    return int(torch.ops.phi_kernels.flash_attn_cuda_plan(q, q, q, *options, q, lse, backward)[-1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,9 +197,9 @@ def _why_not_cuda(q: Tensor, k: Tensor, v: Tensor, deterministic: bool, emulated
     """Why the CUDA kernels cannot run this call (None if they can). emulated: for "cuda-emu",
     the same kernels under the SIMT emulator, which refuses exactly what they refuse."""
     if emulated:
-        if not _extension.emu_has_kernel("flash_attn_fwd"):
+        if not _extension.emu_has_kernel("flash_attn_forward_out"):
             return "phi_kernels._simt has no emulated flash attention kernels (rebuild it)"
-    elif not _extension.has_kernel("flash_attn_fwd", "CUDA"):
+    elif not _extension.has_kernel("flash_attn_forward_out", "CUDA"):
         return "phi_kernels._C has no CUDA flash attention kernels"
     if q.shape[-1] not in (64, 128):
         return f"head_dim {q.shape[-1]} (the CUDA kernels are compiled for 64 and 128)"
@@ -212,12 +223,33 @@ def _why_not_cuda(q: Tensor, k: Tensor, v: Tensor, deterministic: bool, emulated
 
 
 def _why_not_cpu() -> str | None:
-    if not _extension.has_kernel("flash_attn_fwd", "CPU"):
+    if not _extension.has_kernel("flash_attn_forward_out", "CPU"):
         return "phi_kernels._C has no CPU flash attention kernels (rebuild it)"
     return None
 
 
 # --------------------------------------------------------------------------- ops
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlashAttnArgs(OpArgs):
+    """What the kernels are given besides q, k, v and the tensors they write: the options of
+    PHI_FLASH_ATTN_OPTIONS in csrc/op_schemas.h, same names, same order (phi_kernels/_op_args.py).
+    Built once per call by _prepare from the public arguments (causal becomes window_right = 0,
+    softmax_scale gets its default, max_seqlen the longest sequence) and completed by _run (the
+    dropout seed; the dense shapes)."""
+
+    cu_seqlens_q: Tensor | None = None  # (batch + 1,) int32: the packed layout; None: dense
+    cu_seqlens_k: Tensor | None = None
+    seqused_k: Tensor | None = None  # (batch,) int32, forward only: sequence b uses its first seqused_k[b] keys
+    max_seqlen_q: int
+    max_seqlen_k: int
+    softmax_scale: float
+    window_left: int = -1  # -1 unbounded; causal is window_right = 0
+    window_right: int = -1
+    softcap: float = 0.0  # 0 = off
+    dropout_p: float = 0.0
+    seed: int = 0  # of the dropout mask
 
 
 def _empty_lse(q: Tensor, varlen: bool) -> Tensor:
@@ -226,78 +258,83 @@ def _empty_lse(q: Tensor, varlen: bool) -> Tensor:
     return torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
 
 
-def _forward_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-                  seqused_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                  window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int, backend: str) -> tuple[Tensor, Tensor]:
-    varlen = cu_seqlens_q is not None
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, args: FlashAttnArgs, backend: str) -> tuple[Tensor, Tensor]:
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = _empty_lse(q, varlen)
+    lse = _empty_lse(q, args.cu_seqlens_q is not None)
     if backend in ("cuda", "cuda-emu", "cpu"):  # causal is carried by the window: window_right == 0
-        cpp_ops(backend).flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-                                         max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p, seed,
-                                         out, lse)
+        cpp_ops(backend).flash_attn_forward_out(q, k, v, *args.positional(), out, lse)
     else:
         from phi_kernels.triton.flash_attn_fwd import flash_attn_fwd_triton
 
-        flash_attn_fwd_triton(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              softmax_scale, window_left, window_right, softcap, dropout_p, seed, seqused_k=seqused_k)
+        flash_attn_fwd_triton(q, k, v, args, out, lse)
     return out, lse
 
 
-_forward = torch.library.custom_op("phi_kernels::flash_attn_forward", _forward_impl, mutates_args=())
-
-
-@_forward.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, softcap, dropout_p, seed, backend):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), _empty_lse(q, cu_seqlens_q is not None)
-
-
-@torch.library.custom_op("phi_kernels::flash_attn_backward", mutates_args=())
-def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor | None,
-              cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-              window_left: int, window_right: int, softcap: float, dropout_p: float, seed: int,
-              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, args: FlashAttnArgs,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     if backend in ("cuda", "cuda-emu", "cpu"):
-        cpp_ops(backend).flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, softmax_scale, window_left, window_right, softcap,
-                                         dropout_p, seed, dq, dk, dv)
+        cpp_ops(backend).flash_attn_backward_out(dout, q, k, v, out, lse, *args.positional(), dq, dk, dv)
     else:
         from phi_kernels.triton.flash_attn_bwd import flash_attn_bwd_triton
 
-        flash_attn_bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, softmax_scale, window_left, window_right, softcap, dropout_p, seed)
+        flash_attn_bwd_triton(dout, q, k, v, out, lse, args, dq, dk, dv)
     return dq, dk, dv
 
 
+# The torch.library boundary: the custom ops take the FlashAttnArgs fields positionally (their
+# schemas are written from the fields), then the backend name.
+_N_OPTIONS = len(FlashAttnArgs.names())
+
+
+def _unpack(flat: tuple) -> tuple[FlashAttnArgs, str]:
+    return FlashAttnArgs.from_positional(flat[:_N_OPTIONS]), flat[_N_OPTIONS]
+
+
+_forward = torch.library.custom_op(
+    "phi_kernels::flash_attn_forward", lambda q, k, v, *flat: _forward_impl(q, k, v, *_unpack(flat)),
+    mutates_args=(),
+    schema=f"(Tensor q, Tensor k, Tensor v, {FlashAttnArgs.schema()}, str backend) -> (Tensor, Tensor)")
+_backward = torch.library.custom_op(
+    "phi_kernels::flash_attn_backward",
+    lambda dout, q, k, v, out, lse, *flat: _backward_impl(dout, q, k, v, out, lse, *_unpack(flat)),
+    mutates_args=(),
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {FlashAttnArgs.schema()}, "
+           "str backend) -> (Tensor, Tensor, Tensor)")
+
+
+@_forward.register_fake
+def _(q, k, v, *flat):
+    args, _ = _unpack(flat)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), _empty_lse(q, args.cu_seqlens_q is not None)
+
+
 @_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-      window_right, softcap, dropout_p, seed, backend):
+def _(dout, q, k, v, out, lse, *flat):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, wl, wr, softcap, dropout_p, seed, backend = inputs
-    if seqused_k is not None:  # only flash_attn_with_kvcache passes it, and it refuses gradients
+    q, k, v, *flat = inputs
+    args, backend = _unpack(flat)
+    if args.seqused_k is not None:  # only flash_attn_with_kvcache passes it, and it refuses gradients
         raise NotImplementedError("flash attention with seqused_k has no backward (inference only)")
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, wl, wr, softcap, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, out, lse, *args.tensors())
+    ctx.args = args.without_tensors()
     ctx.backend = backend
 
 
 def _autograd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, wl, wr, softcap, dropout_p, seed = ctx.args
-    dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, dropout_p,
-                           seed, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    args = ctx.args.with_tensors(tensors)
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, *args.positional(), ctx.backend)
+    return (dq, dk, dv) + (None,) * (_N_OPTIONS + 1)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -306,12 +343,18 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------- public API
 
 
-def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
-             deterministic, backend, names=("q", "k", "v")) -> tuple:
-    """Every check and the backend choice, with no side effect: (backend name, scale, window
-    left, right, max_q, max_k) for _run. flash_attn_with_kvcache calls it before writing into
-    the caches, so a call that fails leaves them untouched."""
-    max_q, max_k = _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale, names)
+def _prepare(q, k, v, *, causal: bool, window_size, softmax_scale, deterministic: bool, backend: str | None,
+             max_seqlen_q=None, max_seqlen_k=None, names=("q", "k", "v"), **options) -> tuple[str, FlashAttnArgs]:
+    """Every check and the backend choice, with no side effect: (backend name, FlashAttnArgs)
+    for _run. options: the FlashAttnArgs fields the public functions pass as they are
+    (cu_seqlens_q / _k, softcap, dropout_p). flash_attn_with_kvcache calls it before writing
+    into the caches, so a call that fails leaves them untouched."""
+    cu_q, cu_k = options.get("cu_seqlens_q"), options.get("cu_seqlens_k")
+    softcap, dropout_p = options.get("softcap", 0.0), options.get("dropout_p", 0.0)
+    max_q, max_k = _check(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, dropout_p, window_size, softcap,
+                          softmax_scale, names)
+    if cu_q is None:  # dense: the shapes (_run sets those of the tensors it is given)
+        max_q, max_k = q.shape[1], k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     wl, wr = _window(causal, window_size)
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -321,39 +364,35 @@ def _prepare(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal
                                                             backward=backward)
                                               if n in ("cuda", "cuda-emu")
                                               else _why_not_cpu() if n == "cpu" else None))
-    return name, scale, wl, wr, max_q, max_k
+    options.update(softcap=float(softcap), dropout_p=float(dropout_p))
+    return name, FlashAttnArgs(max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=float(scale), window_left=wl,
+                               window_right=wr, **options)
 
 
-def _run(plan, q, k, v, cu_q, cu_k, dropout_p, softcap, return_attn_probs, seqused_k=None):
-    """The call, after _prepare. seqused_k (flash_attn_with_kvcache only, no gradients):
-    sequence b uses its first seqused_k[b] keys."""
-    name, scale, wl, wr, max_q, max_k = plan
-    if cu_q is None:  # dense: the shapes of what is passed (flash_attn_with_kvcache: the caches' prefixes)
-        max_q, max_k = q.shape[1], k.shape[1]
+def _run(name: str, q, k, v, args: FlashAttnArgs, return_attn_probs: bool):
+    """The call, after _prepare."""
     # The dropout seed comes from torch's default generator: torch.manual_seed reproduces it.
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if args.dropout_p > 0 else 0
+    if args.cu_seqlens_q is None:  # dense: the shapes of what is passed (flash_attn_with_kvcache: the caches' prefixes)
+        args = dataclasses.replace(args, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], seed=seed)
+    elif seed:
+        args = dataclasses.replace(args, seed=seed)
     if name == "ref":  # plain PyTorch: autograd differentiates it directly
-        out, lse = flash_attn_ref(q, k, v, softmax_scale=float(scale), window_size=(wl, wr), softcap=float(softcap),
-                                  dropout_p=float(dropout_p), seed=seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                  seqused_k=seqused_k)
+        out, lse = flash_attn_ref(q, k, v, softmax_scale=args.softmax_scale,
+                                  window_size=(args.window_left, args.window_right), softcap=args.softcap,
+                                  dropout_p=args.dropout_p, seed=args.seed, cu_seqlens_q=args.cu_seqlens_q,
+                                  cu_seqlens_k=args.cu_seqlens_k, seqused_k=args.seqused_k)
         return (out, lse, None) if return_attn_probs else out
     # Without autograd or tracing (decoding, evaluation) the kernels are called directly: the
     # custom op's dispatch costs more than a decoding step's attention on a small model.
     needs_op = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    fwd = _forward if needs_op or torch.compiler.is_compiling() else _forward_impl
-    out, lse = fwd(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, float(scale), wl, wr, float(softcap),
-                   float(dropout_p), seed, name)
+    if needs_op or torch.compiler.is_compiling():
+        out, lse = _forward(q, k, v, *args.positional(), name)
+    else:
+        out, lse = _forward_impl(q, k, v, args, name)
     # The triton and cpu backwards are deterministic (no atomics); cuda and cuda-emu are excluded
     # above when asked.
     return (out, lse, None) if return_attn_probs else out
-
-
-def _attention(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
-               deterministic, return_attn_probs, backend):
-    """Validation, backend choice and the call, for flash_attn_func / _varlen_func."""
-    plan = _prepare(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
-                    deterministic, backend)
-    return _run(plan, q, k, v, cu_q, cu_k, dropout_p, softcap, return_attn_probs)
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
@@ -363,8 +402,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     kv_heads, d). softmax_scale defaults to 1/sqrt(d). With return_attn_probs, returns
     (out, lse, None): lse is the fp32 log-sum-exp per row (batch, heads, seqlen_q); the
     probabilities themselves are never materialised (the third value is None)."""
-    return _attention(q, k, v, None, None, None, None, dropout_p, softmax_scale, causal, window_size, softcap,
-                      deterministic, return_attn_probs, backend)
+    name, args = _prepare(q, k, v, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+                          deterministic=deterministic, backend=backend, softcap=softcap, dropout_p=dropout_p)
+    return _run(name, q, k, v, args, return_attn_probs)
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -378,8 +418,11 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     sequences. lse (with return_attn_probs) is (heads, total_q)."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("cu_seqlens_q and cu_seqlens_k are required (int32 tensors of shape (batch + 1,))")
-    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-                      causal, window_size, softcap, deterministic, return_attn_probs, backend)
+    name, args = _prepare(q, k, v, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+                          deterministic=deterministic, backend=backend, max_seqlen_q=max_seqlen_q,
+                          max_seqlen_k=max_seqlen_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                          softcap=softcap, dropout_p=dropout_p)
+    return _run(name, q, k, v, args, return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
@@ -390,8 +433,9 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale
     if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError("qkv must be (batch, seqlen, 3, heads, head_dim), got "
                          f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
-    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
-                           softcap, deterministic, return_attn_probs, backend=backend)
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p=dropout_p, softmax_scale=softmax_scale,
+                           causal=causal, window_size=window_size, softcap=softcap, deterministic=deterministic,
+                           return_attn_probs=return_attn_probs, backend=backend)
 
 
 def _cache_seqlens(cache_seqlens, batch: int, device) -> Tensor | int | None:
@@ -470,8 +514,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
                              f"cache_seqlens in [{lo}, {hi}] and seqlen_new {new}")
     # The attention's own checks and the backend choice, on the whole caches (what the kernels
     # are given below are prefixes or the same tensors: same dtype, strides and alignment).
-    plan = _prepare(q, k_cache, v_cache, None, None, None, None, 0.0, softmax_scale, causal, window_size, softcap,
-                    False, backend, names=("q", "k_cache", "v_cache"))
+    name, args = _prepare(q, k_cache, v_cache, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+                          deterministic=False, backend=backend, names=("q", "k_cache", "v_cache"), softcap=softcap)
     if k is not None and new and not torch.compiler.is_compiling():
         # torch's rules for a written tensor: no element at two indices (an expand()ed cache would
         # take every row's keys in one place), no written tensor sharing memory with what is
@@ -501,5 +545,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
         k_cache, v_cache, used = k_cache[:, :lens + new], v_cache[:, :lens + new], None
     else:
         used = lens + new if new else lens
-    out, lse, _ = _run(plan, q, k_cache, v_cache, None, None, 0.0, softcap, True, seqused_k=used)
+    if used is not None:
+        args = dataclasses.replace(args, seqused_k=used)
+    out, lse, _ = _run(name, q, k_cache, v_cache, args, True)
     return (out, lse) if return_softmax_lse else out

@@ -11,11 +11,14 @@ tensors under the SIMT emulator (phi_kernels._simt), for testing.
 
 Registration: `phi_kernels::rotary` (functional, with autograd) and `phi_kernels::rotary_`
 (in-place) are torch.library custom ops with fake implementations, so torch.compile traces
-them; they launch the C++ op `phi_kernels::rotary_kernel` (csrc/ops.cpp), its emulated twin
-`phi_kernels_emu::rotary_kernel` (same schema) or the Triton kernel.
+them; they launch the C++ out-variant op `phi_kernels::rotary_out` (csrc/op_schemas.h), its
+emulated twin `phi_kernels_emu::rotary_out` (same schema) or the Triton kernel. The kernels'
+options travel as one RotaryArgs, positional only at the torch.library boundary.
 The backward of a rotation is the conjugate rotation (sin -> -sin) of the gradient.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -25,6 +28,7 @@ from phi_kernels._checks import INT32_MAX as _INT32_MAX
 from phi_kernels._checks import cu_seqlens_lengths as _cu_seqlens_lengths
 from phi_kernels._checks import is_int as _is_int
 from phi_kernels._checks import may_overlap as _may_overlap
+from phi_kernels._op_args import OpArgs
 from phi_kernels.reference.rotary import apply_rotary_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -173,78 +177,95 @@ def _check_positions(seqlen_ro, batch, seqlen, seqlen_offsets, cu_seqlens, rows)
 # --------------------------------------------------------------------------- ops
 
 
-def _launch(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate,
-            backend, out) -> None:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RotaryArgs(OpArgs):
+    """What the kernels are given besides x, cos, sin and out: the options of PHI_ROTARY_OPTIONS
+    in csrc/op_schemas.h, same names, same order (phi_kernels/_op_args.py)."""
+
+    seqlen_offsets: Tensor | None = None  # (batch,) int32 first positions, or None: seqlen_offset for all
+    seqlen_offset: int = 0
+    cu_seqlens: Tensor | None = None  # (batch + 1,) int32: the packed layout; None: dense
+    max_seqlen: int  # the longest sequence (dense: x.shape[1])
+    interleaved: bool = False  # pairs (2i, 2i+1) instead of (i, i + rotary_dim / 2)
+    conjugate: bool = False  # rotate by -theta (the backward)
+
+
+def _launch(x: Tensor, cos: Tensor, sin: Tensor, args: RotaryArgs, backend: str, out: Tensor) -> None:
     if backend == "triton":
         from phi_kernels.triton.rotary import rotary_triton
 
-        rotary_triton(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved,
-                      conjugate, out)
+        rotary_triton(x, cos, sin, args, out)
     else:  # "cpu", "cuda" or "cuda-emu": the C++ op
-        cpp_ops(backend).rotary_kernel(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen,
-                                       interleaved, conjugate, out)
+        cpp_ops(backend).rotary_out(x, cos, sin, *args.positional(), out)
 
 
-@torch.library.custom_op("phi_kernels::rotary", mutates_args=())
-def _rotary(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Tensor | None, seqlen_offset: int,
-            cu_seqlens: Tensor | None, max_seqlen: int, interleaved: bool, conjugate: bool,
-            backend: str) -> Tensor:
+# The torch.library boundary: the custom ops take the RotaryArgs fields positionally (their
+# schemas are written from the fields), then the backend name.
+_N_OPTIONS = len(RotaryArgs.names())
+
+
+def _unpack(flat: tuple) -> tuple[RotaryArgs, str]:
+    return RotaryArgs.from_positional(flat[:_N_OPTIONS]), flat[_N_OPTIONS]
+
+
+def _rotary_impl(x: Tensor, cos: Tensor, sin: Tensor, *flat) -> Tensor:
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _launch(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate,
-            backend, out)
+    _launch(x, cos, sin, *_unpack(flat), out)
     return out
 
 
+_rotary = torch.library.custom_op(
+    "phi_kernels::rotary", _rotary_impl, mutates_args=(),
+    schema=f"(Tensor x, Tensor cos, Tensor sin, {RotaryArgs.schema()}, str backend) -> Tensor")
+_rotary_ = torch.library.custom_op(
+    "phi_kernels::rotary_", lambda x, cos, sin, *flat: _launch(x, cos, sin, *_unpack(flat), x), mutates_args=("x",),
+    schema=f"(Tensor(a!) x, Tensor cos, Tensor sin, {RotaryArgs.schema()}, str backend) -> ()")
+
+
 @_rotary.register_fake
-def _(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate, backend):
+def _(x, cos, sin, *flat):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@_rotary_.register_fake
+def _(x, cos, sin, *flat):
+    return None
+
+
 def _rotary_setup_context(ctx, inputs, output):
-    _, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate, backend = inputs
-    ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
-    ctx.args = (seqlen_offset, max_seqlen, interleaved, conjugate, backend)
+    _, cos, sin, *flat = inputs
+    args, backend = _unpack(flat)
+    ctx.save_for_backward(cos, sin, *args.tensors())
+    ctx.args = args.without_tensors()
+    ctx.backend = backend
 
 
 def _rotary_backward(ctx, grad):
-    cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
-    seqlen_offset, max_seqlen, interleaved, conjugate, backend = ctx.args
+    cos, sin, *tensors = ctx.saved_tensors
+    args = ctx.args.with_tensors(tensors)
     # out = R(theta) x  =>  dL/dx = R(theta)^T dL/dout = R(-theta) dL/dout; pass-through dims copy.
-    grad_x = _rotary(grad.contiguous(), cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen,
-                     interleaved, not conjugate, backend)
-    return grad_x, None, None, None, None, None, None, None, None, None
+    backward = dataclasses.replace(args, conjugate=not args.conjugate)
+    grad_x = _rotary(grad.contiguous(), cos, sin, *backward.positional(), ctx.backend)
+    return (grad_x, None, None) + (None,) * (_N_OPTIONS + 1)
 
 
 _rotary.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)
 
 
-@torch.library.custom_op("phi_kernels::rotary_", mutates_args=("x",))
-def _rotary_(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Tensor | None, seqlen_offset: int,
-             cu_seqlens: Tensor | None, max_seqlen: int, interleaved: bool, conjugate: bool,
-             backend: str) -> None:
-    _launch(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate,
-            backend, x)
-
-
-@_rotary_.register_fake
-def _(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, conjugate, backend):
-    return None
-
-
 class _RotaryInplace(torch.autograd.Function):
-    """In-place rotation that autograd can see through (the op mutates x; mark it dirty)."""
+    """In-place rotation that autograd can see through (the op mutates x; mark it dirty). Takes
+    the op's arguments as _rotary_ does (RotaryArgs positionally, then the backend)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, backend):
-        _rotary_(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen, interleaved, False, backend)
+    def forward(ctx, x, cos, sin, *flat):
+        _rotary_(x, cos, sin, *flat)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
-        ctx.args = (seqlen_offset, max_seqlen, interleaved, False, backend)
+        _rotary_setup_context(ctx, (x, cos, sin, *flat), x)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        return _rotary_backward(ctx, grad)[:3] + (None,) * 6
+        return _rotary_backward(ctx, grad)
 
 
 # --------------------------------------------------------------------------- public API
@@ -290,17 +311,18 @@ def apply_rotary(
         offsets_t, offset = seqlen_offsets.to(torch.int32).contiguous(), 0
     else:
         offsets_t, offset = None, seqlen_offsets
-    max_len = x.shape[1] if cu_seqlens is None else kernel_max_seqlen
+    args = RotaryArgs(seqlen_offsets=offsets_t, seqlen_offset=offset, cu_seqlens=cu_seqlens,
+                      max_seqlen=x.shape[1] if cu_seqlens is None else kernel_max_seqlen, interleaved=interleaved)
     cos, sin = cos.contiguous(), sin.contiguous()
     if not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling():
         # No autograd, no tracing (decoding, evaluation): launch directly; the custom op's
         # dispatch would cost more than rotating one token.
         out = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
-        _launch(x, cos, sin, offsets_t, offset, cu_seqlens, max_len, interleaved, False, name, out)
+        _launch(x, cos, sin, args, name, out)
         return out
     if inplace:
-        return _RotaryInplace.apply(x, cos, sin, offsets_t, offset, cu_seqlens, max_len, interleaved, name)
-    return _rotary(x, cos, sin, offsets_t, offset, cu_seqlens, max_len, interleaved, False, name)
+        return _RotaryInplace.apply(x, cos, sin, *args.positional(), name)
+    return _rotary(x, cos, sin, *args.positional(), name)
 
 
 def apply_rotary_qkv(

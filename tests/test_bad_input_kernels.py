@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from phi_kernels import (BackendUnavailableError, apply_rotary, apply_rotary_qkv, flash_attn_func,
                          flash_attn_varlen_func, flash_attn_with_kvcache, rotary_cos_sin)
+from phi_kernels.flash_attn import FlashAttnArgs
 from phi_kernels.reference import apply_rotary_ref, flash_attn_ref
+from phi_kernels.rotary import RotaryArgs
 from tests.conftest import CUDA_KERNELS, DEVICE, kernel_backends
 
 ALL = kernel_backends() + ["ref"]
@@ -190,7 +192,8 @@ def test_rotary_hypothesis_cu_seqlens(backend):
 
 
 def _rotary_op(backend, x, cos, sin, cu, out, max_seqlen=16, offsets=None, offset=0):
-    return _cpp_ops(backend).rotary_kernel(x, cos, sin, offsets, offset, cu, max_seqlen, False, False, out)
+    args = RotaryArgs(seqlen_offsets=offsets, seqlen_offset=offset, cu_seqlens=cu, max_seqlen=max_seqlen)
+    return _cpp_ops(backend).rotary_out(x, cos, sin, *args.positional(), out)
 
 
 @pytest.mark.parametrize("backend", CPP)
@@ -290,7 +293,8 @@ def test_attention_cpp_op_checks_scalars(backend, scale, softcap, match):
     out, lse = torch.empty_like(q), torch.empty(1, 2, 8)
     snaps = _snapshot(out)
     with pytest.raises(RuntimeError, match=match):
-        _cpp_ops(backend).flash_attn_fwd(q, q, q, None, None, None, 8, 8, scale, -1, -1, softcap, 0.0, 0, out, lse)
+        args = FlashAttnArgs(max_seqlen_q=8, max_seqlen_k=8, softmax_scale=scale, softcap=softcap)
+        _cpp_ops(backend).flash_attn_forward_out(q, q, q, *args.positional(), out, lse)
     assert _unchanged((out,), snaps)
 
 
@@ -347,20 +351,24 @@ def test_attention_cpp_op_huge_max_seqlen_and_bad_cu_seqlens(backend):
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     ops = _cpp_ops(backend)
     out, lse = torch.empty_like(q), torch.empty(2, 8)
+
+    def options(max_q=16, max_k=16, cu_q=cu, seqused_k=None):
+        return FlashAttnArgs(cu_seqlens_q=cu_q, cu_seqlens_k=cu, seqused_k=seqused_k, max_seqlen_q=max_q,
+                             max_seqlen_k=max_k, softmax_scale=0.125).positional()
+
     if backend == "cpu":  # sized by the longest sequence (it was: a 2**31-float buffer, an abort)
-        ops.flash_attn_fwd(q, q, q, cu, cu, None, INT32_MAX, INT32_MAX, 0.125, -1, -1, 0.0, 0.0, 0, out, lse)
+        ops.flash_attn_forward_out(q, q, q, *options(INT32_MAX, INT32_MAX), out, lse)
         ref = flash_attn_ref(q, q, q, softmax_scale=0.125, cu_seqlens_q=cu, cu_seqlens_k=cu)[0]
         torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
     else:  # the CUDA glue sizes its grid by max_seqlen (no host read of cu_seqlens): a clean error
         # (the public API passes the longest sequence instead, tested above)
         with pytest.raises(RuntimeError, match="exceeds"):
-            ops.flash_attn_fwd(q, q, q, cu, cu, None, INT32_MAX, INT32_MAX, 0.125, -1, -1, 0.0, 0.0, 0, out, lse)
+            ops.flash_attn_forward_out(q, q, q, *options(INT32_MAX, INT32_MAX), out, lse)
     with pytest.raises(RuntimeError, match="max_seqlen_q and max_seqlen_k must be in"):
-        ops.flash_attn_fwd(q, q, q, cu, cu, None, 2**31, 8, 0.125, -1, -1, 0.0, 0.0, 0, out, lse)
+        ops.flash_attn_forward_out(q, q, q, *options(2**31, 8), out, lse)
     if backend == "cpu":
         dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-        ops.flash_attn_bwd(torch.randn_like(q), q, q, q, out, lse, cu, cu, INT32_MAX, INT32_MAX, 0.125, -1, -1,
-                           0.0, 0.0, 0, dq, dk, dv)
+        ops.flash_attn_backward_out(torch.randn_like(q), q, q, q, out, lse, *options(INT32_MAX, INT32_MAX), dq, dk, dv)
         assert torch.isfinite(dq).all()
     # cu_seqlens and seqused_k in host memory are checked by the glue itself (on a GPU it cannot
     # read them without a sync: the Python API checks them there).
@@ -369,11 +377,9 @@ def test_attention_cpp_op_huge_max_seqlen_and_bad_cu_seqlens(backend):
                        ([1, 3, 8], "cu_seqlens_q must start at 0"),
                        ([0, 9, 8], "cu_seqlens_q must be non-decreasing")):
         with pytest.raises(RuntimeError, match=match):
-            ops.flash_attn_fwd(q, q, q, torch.tensor(bad, dtype=torch.int32), cu, None, 16, 16, 0.125, -1, -1,
-                               0.0, 0.0, 0, out, lse)
+            ops.flash_attn_forward_out(q, q, q, *options(cu_q=torch.tensor(bad, dtype=torch.int32)), out, lse)
     with pytest.raises(RuntimeError, match=r"seqused_k\[1\] = 6 must be in \[0, 5\]"):
-        ops.flash_attn_fwd(q, q, q, cu, cu, torch.tensor([3, 6], dtype=torch.int32), 16, 16, 0.125, -1, -1,
-                           0.0, 0.0, 0, out, lse)
+        ops.flash_attn_forward_out(q, q, q, *options(seqused_k=torch.tensor([3, 6], dtype=torch.int32)), out, lse)
     assert _unchanged((out, lse), snaps)
 
 
@@ -383,8 +389,11 @@ L = 2**17
 q, k, v = (torch.randn(L, 1, 64).half() for _ in range(3))
 cu = torch.tensor([0, L], dtype=torch.int32)
 out, lse = torch.empty_like(q), torch.empty(1, L)
+from phi_kernels.flash_attn import FlashAttnArgs
 ops = torch.ops.phi_kernels
-ops.flash_attn_fwd(q, k, v, cu, cu, None, L, L, 0.125, 0, 0, 0.0, 0.0, 0, out, lse)  # starts the OpenMP threads
+options = FlashAttnArgs(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=L, max_seqlen_k=L, softmax_scale=0.125,
+                        window_left=0, window_right=0).positional()
+ops.flash_attn_forward_out(q, k, v, *options, out, lse)  # starts the OpenMP threads
 dout = torch.randn_like(q)
 dq, dk, dv = (torch.empty_like(q) for _ in range(3))
 vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
@@ -392,7 +401,7 @@ vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).sp
 # inside the OpenMP region, where an escaping exception is std::terminate.
 resource.setrlimit(resource.RLIMIT_AS, (vm + 100 * 2**20, resource.RLIM_INFINITY))
 try:  # the window (0, 0) keeps the work linear in L if the buffers do fit
-    ops.flash_attn_bwd(dout, q, k, v, out, lse, cu, cu, L, L, 0.125, 0, 0, 0.0, 0.0, 0, dq, dk, dv)
+    ops.flash_attn_backward_out(dout, q, k, v, out, lse, *options, dq, dk, dv)
     print("ran")
 except MemoryError as e:
     print("MemoryError", e)

@@ -12,6 +12,7 @@ import torch
 
 from phi_kernels import (BackendUnavailableError, FusedAdam, apply_rotary, backend_status, flash_attn_func,
                          rotary_cos_sin)
+from phi_kernels.flash_attn import FlashAttnArgs
 
 _STATUS = backend_status("cuda-emu", "cpu")
 pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"cuda-emu: {_STATUS.reason}")
@@ -67,7 +68,8 @@ def test_emulated_op_itself_refuses_like_the_cuda_host_code(name, make, match):
     q, k, v = make()
     out, lse = torch.empty(q.shape, dtype=q.dtype), torch.empty(1, 2, 8)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.phi_kernels_emu.flash_attn_fwd(q, k, v, None, None, None, 8, 8, 0.125, -1, 0, 0.0, 0.0, 0, out, lse)
+        options = FlashAttnArgs(max_seqlen_q=8, max_seqlen_k=8, softmax_scale=0.125, window_right=0)
+        torch.ops.phi_kernels_emu.flash_attn_forward_out(q, k, v, *options.positional(), out, lse)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -129,8 +131,8 @@ def test_sm86_refuses_the_head_dim_128_backward_and_dispatch_knows(monkeypatch):
     lse = torch.empty(1, 2, 16)
     dq, dk, dv = (torch.empty_like(t) for t in (qd, kd, vd))
     with pytest.raises(RuntimeError, match="backward needs 114688 bytes of shared memory per block, this GPU allows"):
-        torch.ops.phi_kernels_emu.flash_attn_bwd(qd, qd, kd, vd, qd, lse, None, None, 16, 16, 0.125, -1, 0, 0.0,
-                                                 0.0, 0, dq, dk, dv)
+        options = FlashAttnArgs(max_seqlen_q=16, max_seqlen_k=16, softmax_scale=0.125, window_right=0)
+        torch.ops.phi_kernels_emu.flash_attn_backward_out(qd, qd, kd, vd, qd, lse, *options.positional(), dq, dk, dv)
     q64, k64, v64 = _qkv(head_dim=64, seqlen=16)
     assert _why_not_cuda(q64, k64, v64, False, emulated=True, backward=True) is None
     monkeypatch.setenv("PHI_SIMT_ARCH", "sm_90")
@@ -191,5 +193,7 @@ def test_more_sequences_than_a_grid_dimension_holds():
     q = torch.randn(n, 2, 64).half()
     lse = torch.empty(2, n)
     for backward in (False, True):
-        _, gx, gy, gz, _, _ = torch.ops.phi_kernels.flash_attn_cuda_plan(q, q, q, cu, cu, 1, 1, q, lse, backward)
+        options = FlashAttnArgs(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1, max_seqlen_k=1, softmax_scale=1.0)
+        _, gx, gy, gz, _, _ = torch.ops.phi_kernels.flash_attn_cuda_plan(q, q, q, *options.positional(), q, lse,
+                                                                          backward)
         assert (gx, gy, gz) == (n, 2, 1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from phi_kernels import BackendUnavailableError, flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
+from phi_kernels.flash_attn import FlashAttnArgs
 from phi_kernels.reference import dropout_keep_mask, flash_attn_ref
 from tests.conftest import CUDA_KERNELS, DEVICE, kernel_backend, kernel_backends
 
@@ -179,7 +180,8 @@ def test_qkvpacked(backend):
 def test_opcheck_and_compile():
     backend = "triton" if DEVICE == "cuda" or kernel_backend("triton").marks == () else "ref"
     q, k, v = (torch.randn(1, 20, 2, 64, device=DEVICE, requires_grad=True) for _ in range(3))
-    args = (q, k, v, None, None, None, 20, 20, 0.125, -1, 0, 0.0, 0.0, 0, backend)
+    options = FlashAttnArgs(max_seqlen_q=20, max_seqlen_k=20, softmax_scale=0.125, window_right=0)
+    args = (q, k, v, *options.positional(), backend)
     torch.library.opcheck(torch.ops.phi_kernels.flash_attn_forward.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -240,7 +242,9 @@ def test_bad_input(name, call, match):
 def _plan(q, k, cu_q=None, cu_k=None, max_q=0, max_k=0, backward=False):
     varlen = cu_q is not None
     lse = torch.empty(q.shape[1], q.shape[0]) if varlen else torch.empty(q.shape[0], q.shape[2], q.shape[1])
-    return torch.ops.phi_kernels.flash_attn_cuda_plan(q, k, k, cu_q, cu_k, max_q, max_k, torch.empty_like(q), lse,
+    options = FlashAttnArgs(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                            softmax_scale=1.0)
+    return torch.ops.phi_kernels.flash_attn_cuda_plan(q, k, k, *options.positional(), torch.empty_like(q), lse,
                                                       backward)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from phi_kernels import flash_attn_with_kvcache
+from phi_kernels.flash_attn import FlashAttnArgs
 from phi_kernels.reference import flash_attn_ref
 from tests.conftest import CUDA_KERNELS, DEVICE, kernel_backends
 
@@ -114,12 +115,14 @@ def test_cpu_op_rejects_out_of_range_seqused_k():
     """The C++ op checks seqused_k itself on the CPU (its kernels index keys through it)."""
     q, k = torch.randn(2, 1, 2, 64), torch.randn(2, 8, 2, 64)
     out, lse = torch.empty_like(q), torch.empty(2, 2, 1)
+    def options(seqused_k):
+        return FlashAttnArgs(seqused_k=seqused_k, max_seqlen_q=1, max_seqlen_k=8, softmax_scale=0.125).positional()
+
     with pytest.raises(RuntimeError, match=r"seqused_k\[1\] = 9 must be in \[0, 8\]"):
-        torch.ops.phi_kernels.flash_attn_fwd(q, k, k, None, None, torch.tensor([3, 9], dtype=torch.int32), 1, 8,
-                                             0.125, -1, -1, 0.0, 0.0, 0, out, lse)
+        torch.ops.phi_kernels.flash_attn_forward_out(q, k, k, *options(torch.tensor([3, 9], dtype=torch.int32)), out,
+                                                     lse)
     with pytest.raises(RuntimeError, match="seqused_k must be a contiguous int32"):
-        torch.ops.phi_kernels.flash_attn_fwd(q, k, k, None, None, torch.tensor([3, 4]), 1, 8,
-                                             0.125, -1, -1, 0.0, 0.0, 0, out, lse)
+        torch.ops.phi_kernels.flash_attn_forward_out(q, k, k, *options(torch.tensor([3, 4])), out, lse)
 
 
 def _bad():

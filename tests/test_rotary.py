@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from phi_kernels import BackendUnavailableError, apply_rotary, apply_rotary_qkv, rotary_cos_sin
 from phi_kernels.reference import apply_rotary_ref
+from phi_kernels.rotary import RotaryArgs
 from tests.conftest import DEVICE, kernel_backend, kernel_backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -222,10 +223,10 @@ def test_opcheck(backend):
 @pytest.mark.parametrize("backend", [p for p in kernel_backends() if p.values[0] != "triton"])
 def test_opcheck_cpp_kernel_op(backend):
     x, cos, sin, _ = _make(2, 7, 2, 64, 32, torch.float32)
-    # cuda-emu's op is the emulated twin of phi_kernels::rotary_kernel, with the same schema.
+    # cuda-emu's op is the emulated twin of phi_kernels::rotary_out, with the same schema.
     ops = torch.ops.phi_kernels_emu if backend == "cuda-emu" else torch.ops.phi_kernels
-    torch.library.opcheck(ops.rotary_kernel.default,
-                          (x, cos, sin, None, 2, None, 7, False, False, torch.empty_like(x)),
+    torch.library.opcheck(ops.rotary_out.default,
+                          (x, cos, sin, *RotaryArgs(seqlen_offset=2, max_seqlen=7).positional(), torch.empty_like(x)),
                           test_utils=("test_schema", "test_autograd_registration"))
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from phi_kernels import inspect as pk_inspect
+from phi_kernels.flash_attn import FlashAttnArgs
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,8 @@ def test_cuda_flash_attention_kernels(cuda_kernels):
         dtype = torch.bfloat16 if "bfloat16" in k.name else torch.float16
         q = torch.randn(1, 256, 2, head_dim, dtype=dtype)
         lse = torch.empty(1, 2, 256)
-        *_, threads, smem = torch.ops.phi_kernels.flash_attn_cuda_plan(q, q, q, None, None, 0, 0, q, lse, backward)
+        options = FlashAttnArgs(max_seqlen_q=0, max_seqlen_k=0, softmax_scale=1.0).positional()
+        *_, threads, smem = torch.ops.phi_kernels.flash_attn_cuda_plan(q, q, q, *options, q, lse, backward)
         assert k.hmma > 0, f"{k.name} {k.arch}: no tensor-core instructions"
         assert k.spill_bytes == 0 and k.ldl_stl == 0, k
         assert k.shared + smem <= pk_inspect.SM_LIMITS[k.arch]["smem_per_block"], (k, smem)

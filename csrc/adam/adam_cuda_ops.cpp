@@ -1,5 +1,5 @@
-// Tensor glue of phi_kernels::adam_step for the CUDA multi-tensor kernel (schema in
-// csrc/ops.cpp). Compiled into phi_kernels._C for CUDA tensors (PHI_WITH_CUDA) and into
+// Tensor glue of phi_kernels::adam_step_out for the CUDA multi-tensor kernel (schema in
+// csrc/op_schemas.h). Compiled into phi_kernels._C for CUDA tensors (PHI_WITH_CUDA) and into
 // phi_kernels._simt for CPU tensors (PHI_SIMT, the "cuda-emu" backend); bind_utils.h's PHI_GPU_*
 // names differ.
 #if defined(PHI_WITH_CUDA) || defined(PHI_SIMT)
@@ -46,7 +46,7 @@ void adam_step_gpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(PHI_GPU_LIBRARY, PHI_GPU_DISPATCH_KEY, m) { m.impl("adam_step", &adam_step_gpu); }
+TORCH_LIBRARY_IMPL(PHI_GPU_LIBRARY, PHI_GPU_DISPATCH_KEY, m) { m.impl("adam_step_out", &adam_step_gpu); }
 
 }  // namespace phi
 #endif

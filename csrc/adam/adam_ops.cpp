@@ -1,4 +1,4 @@
-// Tensor glue of phi_kernels::adam_step for CPU tensors (schema in csrc/ops.cpp): checks the
+// Tensor glue of phi_kernels::adam_step_out for CPU tensors (schema in csrc/op_schemas.h): checks the
 // tensor lists, gathers raw pointers and sizes, and runs the CPU kernel. The CUDA side is
 // adam_cuda_ops.cpp.
 // All tensors of one call share the param dtype and device (the Python optimizer groups them).
@@ -28,6 +28,6 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(phi_kernels, CPU, m) { m.impl("adam_step", &adam_step_cpu); }
+TORCH_LIBRARY_IMPL(phi_kernels, CPU, m) { m.impl("adam_step_out", &adam_step_cpu); }
 
 }  // namespace phi

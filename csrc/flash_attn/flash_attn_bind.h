@@ -1,5 +1,5 @@
-// Argument checks and Flash_params filling shared by the CPU glue (flash_attn_ops.cpp) and the
-// CUDA glue (flash_attn_cuda_ops.cpp, also compiled into the SIMT emulator).
+// Argument checks and the one Flash_params builder, shared by the CPU glue (flash_attn_ops.cpp)
+// and the CUDA glue (flash_attn_cuda_ops.cpp, also compiled into the SIMT emulator).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "common/bind_utils.h"
+#include "common/op_args.h"
 #include "flash_attn/flash.h"
 #include "flash_attn/flash_plan.h"
 
@@ -51,11 +52,40 @@ inline void check_cu_seqlens_host(const Flash_params& p, int64_t total_k) {
   TORCH_CHECK(ck[p.batch] == total_k, "cu_seqlens_k must end at the ", total_k, " rows of k, got ", ck[p.batch]);
 }
 
-inline Flash_params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-                         int64_t max_q, int64_t max_k, double scale, int64_t window_left, int64_t window_right,
-                         double softcap, double dropout_p, int64_t seed, const at::Tensor& out,
-                         const at::Tensor& lse) {
+// seqused_k (forward only): int32 (batch,), sequence b attends to its first seqused_k[b] keys.
+inline void add_seqused_k(Flash_params& p, const std::optional<at::Tensor>& seqused_k, const at::Tensor& q) {
+  if (!seqused_k.has_value()) return;
+  const at::Tensor& s = *seqused_k;
+  TORCH_CHECK(s.scalar_type() == at::kInt && s.dim() == 1 && s.is_contiguous() && s.numel() == p.batch,
+              "seqused_k must be a contiguous int32 tensor of shape (batch,) = (", p.batch, ",), got ",
+              s.scalar_type(), s.sizes());
+  PHI_CHECK_DEVICE(s, q);
+  p.seqused_k = device_ptr<int32_t>(s, "seqused_k");
+  if (s.is_cpu()) {  // host memory (CPU kernels, SIMT emulator): the kernels index keys through it
+    for (int b = 0; b < p.batch; ++b) {
+      const int64_t avail = p.is_varlen() ? int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b] : p.seqlen_k;
+      TORCH_CHECK(p.seqused_k[b] >= 0 && p.seqused_k[b] <= avail, "seqused_k[", b, "] = ", p.seqused_k[b],
+                  " must be in [0, ", avail, "] (the keys sequence ", b, " has)");
+    }
+  }
+}
+
+// The one builder of Flash_params: every flash attention op (forward, backward, the CUDA plan;
+// CPU, CUDA and emulated) reads its q, k, v, out, lse and its options (PHI_FLASH_ATTN_OPTIONS in
+// op_schemas.h) here, by name. Checks what the kernels rely on; the Python API has already given
+// friendlier errors.
+inline Flash_params make_params(const Op_args& a) {
+  const at::Tensor& q = a.tensor("q");
+  const at::Tensor& k = a.tensor("k");
+  const at::Tensor& v = a.tensor("v");
+  const at::Tensor& out = a.tensor("out");
+  const at::Tensor& lse = a.tensor("lse");
+  const std::optional<at::Tensor> cu_q = a.optional_tensor("cu_seqlens_q");
+  const std::optional<at::Tensor> cu_k = a.optional_tensor("cu_seqlens_k");
+  const int64_t max_q = a.integer("max_seqlen_q"), max_k = a.integer("max_seqlen_k");
+  const double scale = a.real("softmax_scale"), softcap = a.real("softcap"), dropout_p = a.real("dropout_p");
+  const int64_t window_left = a.integer("window_left"), window_right = a.integer("window_right");
+  const int64_t seed = a.integer("seed");
   const bool varlen = cu_q.has_value();
   TORCH_CHECK(cu_k.has_value() == varlen, "cu_seqlens_q and cu_seqlens_k must be given together");
   const int64_t nd = varlen ? 3 : 4;
@@ -123,12 +153,15 @@ inline Flash_params make_params(const at::Tensor& q, const at::Tensor& k, const 
   p.window_left = int(window_left);
   p.window_right = int(window_right);
   p.dropout = flash::Dropout::make(uint64_t(seed), dropout_p);
+  add_seqused_k(p, a.optional_tensor("seqused_k"), q);
   return p;
 }
 
 inline void add_backward(Flash_params& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                   const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   const bool varlen = p.is_varlen();
+  TORCH_CHECK(p.seqused_k == nullptr,
+              "flash attention's backward takes no seqused_k (the KV-cache path is inference only)");
   check_like(dout, "dout", q, "q");
   check_like(dq, "dq", q, "q");
   check_like(dk, "dk", k, "k");
@@ -141,24 +174,6 @@ inline void add_backward(Flash_params& p, const at::Tensor& dout, const at::Tens
   strides_of(dq, varlen, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
   strides_of(dk, varlen, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
   strides_of(dv, varlen, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
-}
-
-// seqused_k (forward only): int32 (batch,), sequence b attends to its first seqused_k[b] keys.
-inline void add_seqused_k(Flash_params& p, const std::optional<at::Tensor>& seqused_k, const at::Tensor& q) {
-  if (!seqused_k.has_value()) return;
-  const at::Tensor& s = *seqused_k;
-  TORCH_CHECK(s.scalar_type() == at::kInt && s.dim() == 1 && s.is_contiguous() && s.numel() == p.batch,
-              "seqused_k must be a contiguous int32 tensor of shape (batch,) = (", p.batch, ",), got ",
-              s.scalar_type(), s.sizes());
-  PHI_CHECK_DEVICE(s, q);
-  p.seqused_k = device_ptr<int32_t>(s, "seqused_k");
-  if (s.is_cpu()) {  // host memory (CPU kernels, SIMT emulator): the kernels index keys through it
-    for (int b = 0; b < p.batch; ++b) {
-      const int64_t avail = p.is_varlen() ? int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b] : p.seqlen_k;
-      TORCH_CHECK(p.seqused_k[b] >= 0 && p.seqused_k[b] <= avail, "seqused_k[", b, "] = ", p.seqused_k[b],
-                  " must be in [0, ", avail, "] (the keys sequence ", b, " has)");
-    }
-  }
 }
 
 inline void check_cuda_supported(const Flash_params& p, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {

@@ -1,6 +1,7 @@
-// Tensor glue of phi_kernels::flash_attn_fwd / flash_attn_bwd for the CUDA kernels (schemas in
-// csrc/ops.cpp): argument checks, the launch plan, the backward's workspaces (D = rowsum(dO * O),
-// the fp32 dq accumulator) and the GQA reduction of dK, dV, then the launch.
+// Tensor glue of phi_kernels::flash_attn_forward_out / flash_attn_backward_out for the CUDA
+// kernels (schemas in csrc/op_schemas.h): argument checks (make_params), the launch plan, the
+// backward's workspaces (D = rowsum(dO * O), the fp32 dq accumulator) and the GQA reduction of
+// dK, dV, then the launch.
 //
 // Compiled into phi_kernels._C for CUDA tensors (PHI_WITH_CUDA) and into phi_kernels._simt for
 // CPU tensors (PHI_SIMT: the same code drives the same kernels in the SIMT emulator, the
@@ -53,30 +54,22 @@ void dispatch(const Flash_params& p, void* stream) {
   }
 }
 
-void flash_attn_fwd_gpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
-                        const std::optional<at::Tensor>& seqused_k, int64_t max_q, int64_t max_k, double scale,
-                        int64_t window_left, int64_t window_right, double softcap, double dropout_p, int64_t seed,
-                        const at::Tensor& out, const at::Tensor& lse) {
+void flash_attn_forward_gpu(const Op_args& a) {
+  const at::Tensor& q = a.tensor("q");
   PHI_GPU_GUARD(q);
-  Flash_params p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap,
-                               dropout_p, seed, out, lse);
-  check_cuda_supported(p, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}});
-  add_seqused_k(p, seqused_k, q);
+  Flash_params p = make_params(a);
+  check_cuda_supported(p, {{"q", &q}, {"k", &a.tensor("k")}, {"v", &a.tensor("v")}, {"out", &a.tensor("out")}});
   if (p.batch == 0 || p.seqlen_q == 0 || p.heads == 0) return;
   check_fits_device(flash::plan_fwd(p), false);
   dispatch<false>(p, PHI_GPU_STREAM());
   PHI_GPU_LAUNCH_CHECK();
 }
 
-void flash_attn_bwd_gpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_q,
-                        const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale,
-                        int64_t window_left, int64_t window_right, double softcap, double dropout_p, int64_t seed,
-                        const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+void flash_attn_backward_gpu(const Op_args& a) {
+  const at::Tensor &dout = a.tensor("dout"), &q = a.tensor("q"), &k = a.tensor("k"), &v = a.tensor("v");
+  const at::Tensor &out = a.tensor("out"), &dq = a.tensor("dq"), &dk = a.tensor("dk"), &dv = a.tensor("dv");
   PHI_GPU_GUARD(q);
-  Flash_params p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left, window_right, softcap,
-                               dropout_p, seed, out, lse);
+  Flash_params p = make_params(a);
   check_cuda_supported(p, {{"q", &q}, {"k", &k}, {"v", &v}, {"dout", &dout}});
   check_like(dk, "dk", k, "k");
   check_like(dv, "dv", k, "k");
@@ -123,8 +116,8 @@ void flash_attn_bwd_gpu(const at::Tensor& dout, const at::Tensor& q, const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(PHI_GPU_LIBRARY, PHI_GPU_DISPATCH_KEY, m) {
-  m.impl("flash_attn_fwd", &flash_attn_fwd_gpu);
-  m.impl("flash_attn_bwd", &flash_attn_bwd_gpu);
+  m.impl("flash_attn_forward_out", out_op<&flash_attn_forward_gpu>());
+  m.impl("flash_attn_backward_out", out_op<&flash_attn_backward_gpu>());
 }
 
 }  // namespace phi

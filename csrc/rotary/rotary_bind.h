@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "common/bind_utils.h"
+#include "common/op_args.h"
 #include "rotary/rotary.h"
 
 namespace phi {
@@ -49,10 +50,17 @@ inline bool bytes_overlap(const at::Tensor& a, const at::Tensor& b) {
   return a0 < b0 + span_bytes(b) && b0 < a0 + span_bytes(a);
 }
 
-inline Rotary_params make_rotary_params(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                                 const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset,
-                                 const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen,
-                                 bool interleaved, bool conjugate, const at::Tensor& out) {
+// The one builder of Rotary_params: both rotary_out kernels (CPU, CUDA and emulated) read x, cos,
+// sin, out and the options (PHI_ROTARY_OPTIONS in op_schemas.h) here, by name.
+inline Rotary_params make_rotary_params(const Op_args& a) {
+  const at::Tensor& x = a.tensor("x");
+  const at::Tensor& cos = a.tensor("cos");
+  const at::Tensor& sin = a.tensor("sin");
+  const at::Tensor& out = a.tensor("out");
+  const std::optional<at::Tensor> seqlen_offsets = a.optional_tensor("seqlen_offsets");
+  const std::optional<at::Tensor> cu_seqlens = a.optional_tensor("cu_seqlens");
+  const int64_t seqlen_offset = a.integer("seqlen_offset"), max_seqlen = a.integer("max_seqlen");
+  const bool interleaved = a.boolean("interleaved"), conjugate = a.boolean("conjugate");
   const bool is_varlen = cu_seqlens.has_value();
   TORCH_CHECK(x.dim() == (is_varlen ? 3 : 4), "x must be ", is_varlen ? 3 : 4, "-D, got ", x.dim(), "-D");
   TORCH_CHECK(out.sizes() == x.sizes(), "out must have the shape of x ", x.sizes(), ", got ", out.sizes());

@@ -1,4 +1,4 @@
-// Tensor glue of phi_kernels::rotary_kernel for the CUDA kernel (schema in csrc/ops.cpp).
+// Tensor glue of phi_kernels::rotary_out for the CUDA kernel (schema in csrc/op_schemas.h).
 // Compiled into phi_kernels._C for CUDA tensors (PHI_WITH_CUDA) and into phi_kernels._simt for
 // CPU tensors (PHI_SIMT, the "cuda-emu" backend); bind_utils.h's PHI_GPU_* names differ.
 #if defined(PHI_WITH_CUDA) || defined(PHI_SIMT)
@@ -10,13 +10,9 @@
 namespace phi {
 namespace {
 
-void rotary_kernel_gpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                       const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset,
-                       const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen, bool interleaved,
-                       bool conjugate, const at::Tensor& out) {
-  PHI_GPU_GUARD(x);
-  Rotary_params p = make_rotary_params(x, cos, sin, seqlen_offsets, seqlen_offset, cu_seqlens, max_seqlen,
-                                       interleaved, conjugate, out);
+void rotary_out_gpu(const Op_args& a) {
+  PHI_GPU_GUARD(a.tensor("x"));
+  Rotary_params p = make_rotary_params(a);
   if (p.batch == 0 || p.seqlen == 0) return;
   rotary_cuda(p, PHI_GPU_STREAM());
   PHI_GPU_LAUNCH_CHECK();
@@ -24,7 +20,7 @@ void rotary_kernel_gpu(const at::Tensor& x, const at::Tensor& cos, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(PHI_GPU_LIBRARY, PHI_GPU_DISPATCH_KEY, m) { m.impl("rotary_kernel", &rotary_kernel_gpu); }
+TORCH_LIBRARY_IMPL(PHI_GPU_LIBRARY, PHI_GPU_DISPATCH_KEY, m) { m.impl("rotary_out", out_op<&rotary_out_gpu>()); }
 
 }  // namespace phi
 #endif

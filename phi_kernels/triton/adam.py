@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from phi_kernels.triton._interp import bf16_as_int16
+from phi_kernels.triton._interp import bf16_as_int16, to_storage
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -97,11 +97,12 @@ def _adam_kernel(
     tl.store(v_ptr + offs, v, mask=mask)
     if MASTER:
         tl.store(w_ptr + offs, p, mask=mask)
-    if BF16_AS_INT16:
-        bits = p.to(tl.int32, bitcast=True)
-        tl.store(p_ptr + offs, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16), mask=mask)
-    else:
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+    tl.store(p_ptr + offs, to_storage(p, P_DTYPE, BF16_AS_INT16), mask=mask)
+
+
+# The launch configuration, shared by the launcher and aot_specs (the static report).
+CHUNK = 2048  # elements per program
+NUM_WARPS = 8  # 8 elements per thread: ~100 registers instead of ~200 at 4 warps (static report)
 
 
 def _table(tensors, device) -> torch.Tensor:
@@ -110,8 +111,8 @@ def _table(tensors, device) -> torch.Tensor:
 
 def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, lr, step, beta1, beta2, eps,
                      weight_decay, adam_w_mode, bias_correction, maximize, grad_scale=None, found_inf=None,
-                     chunk: int = 2048) -> None:
-    """Same contract as torch.ops.phi_kernels.adam_step; one launch for the whole list."""
+                     chunk: int = CHUNK) -> None:
+    """Same contract as torch.ops.phi_kernels.adam_step_out; one launch for the whole list."""
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return
@@ -145,7 +146,7 @@ def adam_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mast
         MAXIMIZE=maximize, MASTER=bool(masters), DEVICE_SCALARS=device_scalars, BIAS_CORRECTION=bias_correction,
         HAS_GRAD_SCALE_PTR=grad_scale is not None and grad_scale.device.type != "cpu",
         HAS_FOUND_INF=found_inf is not None, BF16_AS_INT16=bf16_as_int16(params[0]), CHUNK=chunk,
-        num_warps=8,  # 8 elements per thread: ~100 registers instead of ~200 at 4 warps (static report)
+        num_warps=NUM_WARPS,
     )
 
 
@@ -164,8 +165,8 @@ def aot_specs():
                                         "eps", "weight_decay")})
         consts = dict(P_DTYPE=tl.float32 if dt == "fp32" else tl.bfloat16, ADAM_W=True, AMSGRAD=False, MAXIMIZE=False,
                       MASTER=master, DEVICE_SCALARS=False, BIAS_CORRECTION=True, HAS_GRAD_SCALE_PTR=False,
-                      HAS_FOUND_INF=True, BF16_AS_INT16=False, CHUNK=2048)
+                      HAS_FOUND_INF=True, BF16_AS_INT16=False, CHUNK=CHUNK)
         specs.append(AotSpec(f"adamw {dt}{' + fp32 master' if master else ''}", _adam_kernel, sig, consts,
-                             num_warps=8, num_stages=1, flops=12.0 * n, min_bytes=float(nbytes) * n,
+                             num_warps=NUM_WARPS, flops=12.0 * n, min_bytes=float(nbytes) * n,
                              shape=f"{n / 1e9:.2f}B params ({nbytes} B/param)"))
     return specs

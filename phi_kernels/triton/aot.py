@@ -15,9 +15,9 @@ import subprocess
 import tempfile
 from typing import Any, Callable
 
-# Modules whose aot_specs() the report collects; a module that does not exist yet is skipped.
+# Modules whose aot_specs() the report collects.
 SPEC_MODULES = ("phi_kernels.triton.rotary", "phi_kernels.triton.flash_attn_fwd", "phi_kernels.triton.flash_attn_bwd",
-                "phi_kernels.triton.flash_attn", "phi_kernels.triton.adam")
+                "phi_kernels.triton.adam")
 
 
 @dataclasses.dataclass
@@ -32,6 +32,45 @@ class AotSpec:
     min_bytes: float = 0.0
     shape: str = ""
     tensor_core: bool = False  # whether the kernel should use mma / wgmma
+
+    @staticmethod
+    def type_name(dtype) -> str:
+        """Triton's name of a torch dtype: torch.float16 -> "fp16"."""
+        import torch
+
+        return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+                torch.int64: "i64"}[dtype]
+
+    @classmethod
+    def of_launch(cls, label: str, launch, **work) -> AotSpec:
+        """The spec of a launch the op's launcher builds (phi_kernels/triton/_launch.py), for
+        tensors on the meta device: the signature is read from the values it passes, as Triton
+        types them when it runs (a tensor -> a pointer, an int -> i32 or i64, a float -> fp32,
+        None -> a constexpr None); tile sizes, constexprs, warps and stages are the launch's own.
+        work: flops, min_bytes, shape, tensor_core."""
+        import torch
+
+        names = launch.kernel.arg_names
+        meta = dict(launch.meta)
+        num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
+        signature, constexprs = {}, dict(meta)
+        for name, value in zip(names, launch.args):
+            if value is None:
+                constexprs[name] = None
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + cls.type_name(value.dtype)
+            elif isinstance(value, bool):
+                signature[name] = "i1"
+            elif isinstance(value, int):
+                signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            elif isinstance(value, float):
+                signature[name] = "fp32"
+            else:
+                raise TypeError(f"{label}: no Triton type for argument {name} = {value!r}")
+        if len(launch.args) + len(meta) != len(names):
+            raise ValueError(f"{label}: {len(launch.args)} arguments and {len(meta)} constexprs for the "
+                             f"{len(names)} parameters of {launch.kernel.__name__}")
+        return cls(label, launch.kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages, **work)
 
 
 @dataclasses.dataclass
@@ -56,17 +95,7 @@ class AotResult:
 def collect_specs() -> list[AotSpec]:
     import importlib
 
-    specs = []
-    for name in SPEC_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        if hasattr(mod, "aot_specs"):
-            specs.extend(mod.aot_specs())
-    return specs
+    return [spec for name in SPEC_MODULES for spec in importlib.import_module(name).aot_specs()]
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:

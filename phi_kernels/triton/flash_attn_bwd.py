@@ -18,6 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from phi_kernels.triton._interp import to_storage
 from phi_kernels.triton.flash_attn_fwd import LOG2E, dropout_keep, key_range, load_tile, scores, seq_bounds, visible
 
 
@@ -25,11 +26,7 @@ from phi_kernels.triton.flash_attn_fwd import LOG2E, dropout_keep, key_range, lo
 def _store_tile(ptr, rows, cols, stride_row, n_rows, n_cols, x, BF16_AS_INT16: tl.constexpr):
     ptrs = ptr + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    if BF16_AS_INT16:
-        bits = x.to(tl.int32, bitcast=True)
-        tl.store(ptrs, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16), mask=mask)
-    else:
-        tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs, to_storage(x, ptr.dtype.element_ty, BF16_AS_INT16), mask=mask)
 
 
 @triton.jit
@@ -249,80 +246,87 @@ def dkdv_config(cfg: dict, head_dim: int, interpreting: bool) -> tuple[dict, int
     return dict(cfg, BLOCK_M=32, BLOCK_N=32), 8
 
 
-def flash_attn_bwd_triton(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          softmax_scale, window_left, window_right, softcap, dropout_p, seed):
-    """Writes dq, dk, dv (bitwise deterministic: no atomics). Arguments validated upstream."""
-    import torch
-
+def bwd_launches(dout, q, k, v, out, lse, args, dq, dk, dv, delta) -> dict:
+    """The launches of the three kernels for these tensors and options (a FlashAttnArgs), by
+    kernel name ("preprocess", "dkdv", "dq"; a kernel with nothing to do is left out). delta:
+    fp32 like lse, the preprocess kernel's output. aot_specs compiles the same launches."""
     from phi_kernels.triton._interp import kernel_view
+    from phi_kernels.triton._launch import Launch
     from phi_kernels.triton.flash_attn_fwd import _strides3, launch_config
 
-    varlen = cu_seqlens_q is not None
+    varlen = args.cu_seqlens_q is not None
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
-    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    batch = args.cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     if batch == 0:
-        return
+        return {}
+    max_q, max_k, cu_q, cu_k = args.max_seqlen_q, args.max_seqlen_k, args.cu_seqlens_q, args.cu_seqlens_k
     cfg, num_warps = launch_config(q, head_dim)
-    delta = torch.empty_like(lse)
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     kq, kk, kv, ko, kdo = (kernel_view(t) for t in (q, k, v, out, dout))
     stages = 1 if q.device.type == "cpu" else 2
-    flags = dict(IS_VARLEN=varlen, SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                 DROPOUT=dropout_p > 0)
-    if max_seqlen_q > 0:
-        _bwd_preprocess[(triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * heads)](
-            ko, kdo, delta, cu_seqlens_q, cu_seqlens_k, *_strides3(out, varlen), *_strides3(dout, varlen),
-            *lse_strides, heads, max_seqlen_q, max_seqlen_k, head_dim, IS_VARLEN=varlen,
-            BF16_AS_INT16=cfg["BF16_AS_INT16"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=num_warps)
-    scalars = (max_seqlen_q, max_seqlen_k, head_dim, softmax_scale, softcap, window_left, window_right, dropout_p, seed)
-    if max_seqlen_k > 0:
+    flags = dict(IS_VARLEN=varlen, SOFTCAP=args.softcap > 0, HAS_LEFT=args.window_left >= 0,
+                 HAS_RIGHT=args.window_right >= 0, DROPOUT=args.dropout_p > 0)
+    scalars = (max_q, max_k, head_dim, args.softmax_scale, args.softcap, args.window_left, args.window_right,
+               args.dropout_p, args.seed)
+    launches = {}
+    if max_q > 0:
+        launches["preprocess"] = Launch(
+            _bwd_preprocess, (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * heads),
+            (ko, kdo, delta, cu_q, cu_k, *_strides3(out, varlen), *_strides3(dout, varlen), *lse_strides,
+             heads, max_q, max_k, head_dim),
+            dict(IS_VARLEN=varlen, BF16_AS_INT16=cfg["BF16_AS_INT16"], BLOCK_M=cfg["BLOCK_M"],
+                 BLOCK_D=cfg["BLOCK_D"], num_warps=num_warps))
+    if max_k > 0:
         dkdv_cfg, dkdv_warps = dkdv_config(cfg, head_dim, q.device.type == "cpu")
-        _bwd_dkdv[(triton.cdiv(max_seqlen_k, dkdv_cfg["BLOCK_N"]), batch * kv_heads)](
-            kq, kk, kv, kdo, lse, delta, kernel_view(dk), kernel_view(dv), cu_seqlens_q, cu_seqlens_k,
-            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
-            *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides,
-            heads, kv_heads, heads // kv_heads, *scalars, **flags, num_warps=dkdv_warps, num_stages=stages,
-            **dkdv_cfg)
-    if max_seqlen_q > 0:
-        _bwd_dq[(triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * heads)](
-            kq, kk, kv, kdo, lse, delta, kernel_view(dq), cu_seqlens_q, cu_seqlens_k,
-            *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
-            *_strides3(dq, varlen), *lse_strides,
-            heads, heads // kv_heads, *scalars, **flags, num_warps=num_warps, num_stages=stages, **cfg)
+        launches["dkdv"] = Launch(
+            _bwd_dkdv, (triton.cdiv(max_k, dkdv_cfg["BLOCK_N"]), batch * kv_heads),
+            (kq, kk, kv, kdo, lse, delta, kernel_view(dk), kernel_view(dv), cu_q, cu_k,
+             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+             *_strides3(dk, varlen), *_strides3(dv, varlen), *lse_strides,
+             heads, kv_heads, heads // kv_heads, *scalars),
+            dict(**flags, num_warps=dkdv_warps, num_stages=stages, **dkdv_cfg))
+    if max_q > 0:
+        launches["dq"] = Launch(
+            _bwd_dq, (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * heads),
+            (kq, kk, kv, kdo, lse, delta, kernel_view(dq), cu_q, cu_k,
+             *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
+             *_strides3(dq, varlen), *lse_strides,
+             heads, heads // kv_heads, *scalars),
+            dict(**flags, num_warps=num_warps, num_stages=stages, **cfg))
+    return launches
+
+
+def flash_attn_bwd_triton(dout, q, k, v, out, lse, args, dq, dk, dv):
+    """Writes dq, dk, dv (bitwise deterministic: no atomics). args: the FlashAttnArgs, validated
+    upstream."""
+    import torch
+
+    for launch in bwd_launches(dout, q, k, v, out, lse, args, dq, dk, dv, torch.empty_like(lse)).values():
+        launch()
 
 
 def aot_specs():
     """Backward at phi-1.5 shapes (b4 s2048 h32 d64 causal, and d128): dK/dV and dQ kernels.
     FLOPs: 2.5 x forward in flash-attention's convention, split 60/40 between the two."""
+    import torch
+
+    from phi_kernels.flash_attn import FlashAttnArgs
     from phi_kernels.triton.aot import AotSpec
 
     specs = []
     b, s, h = 4, 2048, 32
-    strides = {"q": ("qb", "qm", "qh"), "k": ("kb", "kn", "kh"), "v": ("vb", "vn", "vh"), "do": ("dob", "dom", "doh")}
-    for dt in ("fp16", "bf16"):
+    for dtype in (torch.float16, torch.bfloat16):
+        dt = AotSpec.type_name(dtype)
         for d in (64, 128):
-            common = dict(SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=True, DROPOUT=False, PRECISION="tf32",
-                          BF16_AS_INT16=False, DOT_DTYPE=tl.float16 if dt == "fp16" else tl.bfloat16, IS_VARLEN=False,
-                          BLOCK_M=64, BLOCK_N=64 if d <= 64 else 32, BLOCK_D=d)
-            scal = {"seqlen_q": "i32", "seqlen_k": "i32", "head_dim": "i32", "qk_scale": "fp32", "softcap": "fp32",
-                    "window_left": "i32", "window_right": "i32", "dropout_p": "fp32", "seed": "i32"}
+            q = torch.empty(b, s, h, d, dtype=dtype, device="meta")
+            lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
+            args = FlashAttnArgs(max_seqlen_q=s, max_seqlen_k=s, softmax_scale=d**-0.5, window_right=0)
+            launches = bwd_launches(q, q, q, q, q, lse, args, q, q, q, torch.empty_like(lse))
             fwd_flops = 4 * b * s * s * h * d / 2
             io = b * s * h * d * 2
-            sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DOUT": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32",
-                   "DK": f"*{dt}", "DV": f"*{dt}", "CU_Q": "*i32", "CU_K": "*i32"}
-            for names in list(strides.values()) + [("dkb", "dkn", "dkh"), ("dvb", "dvn", "dvh"), ("lb", "lh")]:
-                sig.update({f"stride_{n}": "i64" for n in names})
-            sig.update({"heads": "i32", "kv_heads": "i32", "group": "i32", **scal})
-            dkdv_consts, dkdv_warps = dkdv_config(common, d, False)
-            specs.append(AotSpec(f"flash bwd dk/dv {dt} d{d} causal", _bwd_dkdv, sig, dkdv_consts,
-                                 num_warps=dkdv_warps, num_stages=2, flops=1.5 * fwd_flops,
-                                 min_bytes=6 * io, shape=f"b{b} s{s} h{h} d{d} causal", tensor_core=True))
-            sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DOUT": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32",
-                   "DQ": f"*{dt}", "CU_Q": "*i32", "CU_K": "*i32"}
-            for names in list(strides.values()) + [("dqb", "dqm", "dqh"), ("lb", "lh")]:
-                sig.update({f"stride_{n}": "i64" for n in names})
-            sig.update({"heads": "i32", "group": "i32", **scal})
-            specs.append(AotSpec(f"flash bwd dq {dt} d{d} causal", _bwd_dq, sig, common,
-                                 num_warps=4 if d <= 64 else 8, num_stages=2, flops=1.0 * fwd_flops,
-                                 min_bytes=5 * io, shape=f"b{b} s{s} h{h} d{d} causal", tensor_core=True))
+            shape = f"b{b} s{s} h{h} d{d} causal"
+            specs.append(AotSpec.of_launch(f"flash bwd dk/dv {dt} d{d} causal", launches["dkdv"],
+                                           flops=1.5 * fwd_flops, min_bytes=6 * io, shape=shape, tensor_core=True))
+            specs.append(AotSpec.of_launch(f"flash bwd dq {dt} d{d} causal", launches["dq"], flops=1.0 * fwd_flops,
+                                           min_bytes=5 * io, shape=shape, tensor_core=True))
     return specs

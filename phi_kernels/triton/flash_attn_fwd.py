@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from phi_kernels.triton._interp import load_as_fp32
+from phi_kernels.triton._interp import load_as_fp32, to_storage
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e); globals in kernels must be constexpr
 
@@ -194,11 +194,7 @@ def _nonfinite_v_patch(patch, m_i, q, K, V, stride_kn, stride_vn, rows, offs_d, 
 
 @triton.jit
 def _store_out(o_ptrs, out, o_mask, OUT, BF16_AS_INT16: tl.constexpr):
-    if BF16_AS_INT16:
-        bits = out.to(tl.int32, bitcast=True)
-        tl.store(o_ptrs, ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16), mask=o_mask)
-    else:
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+    tl.store(o_ptrs, to_storage(out, OUT.dtype.element_ty, BF16_AS_INT16), mask=o_mask)
 
 
 @triton.jit
@@ -296,53 +292,59 @@ def launch_config(q, head_dim):
                 BF16_AS_INT16=bf16_as_int16(q)), (4 if block_d <= 64 else 8)
 
 
-def flash_attn_fwd_triton(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                          window_left, window_right, softcap, dropout_p, seed, seqused_k=None):
-    """Writes out and lse. Arguments validated by phi_kernels.flash_attn. seqused_k (int32
-    (batch,) or None): sequence b uses only its first seqused_k[b] keys."""
+def fwd_launch(q, k, v, args, out, lse):
+    """The launch of _flash_fwd_kernel for these tensors and options (a FlashAttnArgs), or None
+    when there is nothing to compute. aot_specs compiles the same launch."""
     from phi_kernels.triton._interp import kernel_view
+    from phi_kernels.triton._launch import Launch
 
-    varlen = cu_seqlens_q is not None
+    varlen = args.cu_seqlens_q is not None
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
-    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    if batch == 0 or max_seqlen_q == 0:
-        return
+    batch = args.cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    if batch == 0 or args.max_seqlen_q == 0:
+        return None
     cfg, num_warps = launch_config(q, head_dim)
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch * heads)
-    _flash_fwd_kernel[grid](
-        kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+    grid = (triton.cdiv(args.max_seqlen_q, cfg["BLOCK_M"]), batch * heads)
+    kernel_args = (
+        kernel_view(q), kernel_view(k), kernel_view(v), kernel_view(out), lse, args.cu_seqlens_q, args.cu_seqlens_k,
+        args.seqused_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen), *lse_strides,
-        heads, heads // kv_heads, max_seqlen_q, max_seqlen_k, head_dim, softmax_scale, softcap,
-        window_left, window_right, dropout_p, seed,
-        IS_VARLEN=varlen, HAS_SEQUSED_K=seqused_k is not None, SOFTCAP=softcap > 0, HAS_LEFT=window_left >= 0,
-        HAS_RIGHT=window_right >= 0, DROPOUT=dropout_p > 0, num_warps=num_warps, num_stages=1 if q.device.type == "cpu" else 2, **cfg,
+        heads, heads // kv_heads, args.max_seqlen_q, args.max_seqlen_k, head_dim, args.softmax_scale, args.softcap,
+        args.window_left, args.window_right, args.dropout_p, args.seed,
     )
+    meta = dict(IS_VARLEN=varlen, HAS_SEQUSED_K=args.seqused_k is not None, SOFTCAP=args.softcap > 0,
+                HAS_LEFT=args.window_left >= 0, HAS_RIGHT=args.window_right >= 0, DROPOUT=args.dropout_p > 0,
+                num_warps=num_warps, num_stages=1 if q.device.type == "cpu" else 2, **cfg)
+    return Launch(_flash_fwd_kernel, grid, kernel_args, meta)
+
+
+def flash_attn_fwd_triton(q, k, v, args, out, lse):
+    """Writes out and lse. args: the FlashAttnArgs, validated by phi_kernels.flash_attn
+    (seqused_k: sequence b uses only its first seqused_k[b] keys)."""
+    launch = fwd_launch(q, k, v, args, out, lse)
+    if launch is not None:
+        launch()
 
 
 def aot_specs():
     """phi-1.5 attention for the static report: batch 4 x seqlen 2048, 32 heads x 64, causal;
     and head_dim 128. Forward FLOPs 4*b*s^2*h*d / 2 (causal), flash-attention's convention."""
+    import torch
+
+    from phi_kernels.flash_attn import FlashAttnArgs
     from phi_kernels.triton.aot import AotSpec
 
     specs = []
     b, s, h = 4, 2048, 32
-    for dt in ("fp16", "bf16"):
+    for dtype in (torch.float16, torch.bfloat16):
         for d in (64, 128):
-            sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "OUT": f"*{dt}", "LSE": "*fp32", "CU_Q": "*i32",
-                   "CU_K": "*i32", "SEQUSED_K": "*i32"}
-            sig.update({f"stride_{n}": "i64" for n in ("qb", "qm", "qh", "kb", "kn", "kh", "vb", "vn", "vh", "ob",
-                                                       "om", "oh", "lb", "lh")})
-            sig.update({"heads": "i32", "group": "i32", "seqlen_q": "i32", "seqlen_k": "i32", "head_dim": "i32",
-                        "qk_scale": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32",
-                        "dropout_p": "fp32", "seed": "i32"})
-            bm, bn = (64, 64) if d <= 64 else (64, 32)
-            consts = dict(IS_VARLEN=False, HAS_SEQUSED_K=False, SOFTCAP=False, HAS_LEFT=False, HAS_RIGHT=True,
-                          DROPOUT=False, PRECISION="tf32", BF16_AS_INT16=False,
-                          DOT_DTYPE=tl.float16 if dt == "fp16" else tl.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d)
+            q = torch.empty(b, s, h, d, dtype=dtype, device="meta")
+            lse = torch.empty(b, h, s, dtype=torch.float32, device="meta")
+            args = FlashAttnArgs(max_seqlen_q=s, max_seqlen_k=s, softmax_scale=d**-0.5, window_right=0)
             flops = 4 * b * s * s * h * d / 2
             nbytes = 4 * b * s * h * d * 2 + b * h * s * 4
-            specs.append(AotSpec(f"flash fwd {dt} d{d} causal", _flash_fwd_kernel, sig, consts,
-                                 num_warps=4 if d <= 64 else 8, num_stages=2, flops=flops, min_bytes=nbytes,
-                                 shape=f"b{b} s{s} h{h} d{d} causal", tensor_core=True))
+            specs.append(AotSpec.of_launch(f"flash fwd {AotSpec.type_name(dtype)} d{d} causal",
+                                           fwd_launch(q, q, q, args, q, lse), flops=flops, min_bytes=nbytes,
+                                           shape=f"b{b} s{s} h{h} d{d} causal", tensor_core=True))
     return specs

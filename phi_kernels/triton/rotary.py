@@ -74,22 +74,14 @@ def _rotary_kernel(
         tl.store(o_rows + pcols[None, :], tl.load(x_rows + pcols[None, :], mask=pmask), mask=pmask)
 
 
-def rotary_triton(
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    seqlen_offsets: torch.Tensor | None,
-    seqlen_offset: int,
-    cu_seqlens: torch.Tensor | None,
-    max_seqlen: int,
-    interleaved: bool,
-    conjugate: bool,
-    out: torch.Tensor,
-) -> None:
-    """Writes the rotation of x into out (which may be x). Arguments already validated."""
-    is_varlen = cu_seqlens is not None
+def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, args, out: torch.Tensor):
+    """The launch of _rotary_kernel for these tensors and options (a RotaryArgs), or None when
+    there is nothing to rotate. aot_specs compiles the same launch."""
+    from phi_kernels.triton._launch import Launch
+
+    is_varlen = args.cu_seqlens is not None
     if is_varlen:
-        batch, seqlen = cu_seqlens.numel() - 1, max_seqlen
+        batch, seqlen = args.cu_seqlens.numel() - 1, args.max_seqlen
         nheads, head_dim = x.shape[1], x.shape[2]
         sxb, sob = 0, 0
         sxt, sxh, sot, soh = x.stride(0), x.stride(1), out.stride(0), out.stride(1)
@@ -99,40 +91,44 @@ def rotary_triton(
         sob, sot, soh = out.stride(0), out.stride(1), out.stride(2)
     rotary_dim = 2 * cos.shape[1]
     if batch == 0 or seqlen == 0 or nheads == 0:
-        return
-    inplace = x.data_ptr() == out.data_ptr()
+        return None
+    inplace = x is out or (x.device.type != "meta" and x.data_ptr() == out.data_ptr())
     block_m = 32 if seqlen >= 32 else triton.next_power_of_2(seqlen)
     grid = (triton.cdiv(seqlen, block_m), batch, nheads)
-    _rotary_kernel[grid](
-        kernel_view(x), kernel_view(out), kernel_view(cos), kernel_view(sin), cu_seqlens, seqlen_offsets,
-        seqlen, seqlen_offset, rotary_dim, head_dim,
-        sxb, sxt, sxh, sob, sot, soh,
-        IS_VARLEN=is_varlen, HAS_OFFSETS_TENSOR=seqlen_offsets is not None, INTERLEAVED=interleaved,
-        CONJUGATE=conjugate, COPY_PASS=(not inplace) and rotary_dim < head_dim,
-        BF16_AS_INT16=bf16_as_int16(x),
-        BLOCK_M=block_m, BLOCK_H=triton.next_power_of_2(max(rotary_dim // 2, 1)),
-        BLOCK_P=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
-        num_warps=4,
-    )
+    kernel_args = (kernel_view(x), kernel_view(out), kernel_view(cos), kernel_view(sin), args.cu_seqlens,
+                   args.seqlen_offsets, seqlen, args.seqlen_offset, rotary_dim, head_dim,
+                   sxb, sxt, sxh, sob, sot, soh)
+    meta = dict(IS_VARLEN=is_varlen, HAS_OFFSETS_TENSOR=args.seqlen_offsets is not None,
+                INTERLEAVED=args.interleaved, CONJUGATE=args.conjugate,
+                COPY_PASS=(not inplace) and rotary_dim < head_dim, BF16_AS_INT16=bf16_as_int16(x),
+                BLOCK_M=block_m, BLOCK_H=triton.next_power_of_2(max(rotary_dim // 2, 1)),
+                BLOCK_P=triton.next_power_of_2(max(head_dim - rotary_dim, 1)),
+                num_warps=4)
+    return Launch(_rotary_kernel, grid, kernel_args, meta)
+
+
+def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, args, out: torch.Tensor) -> None:
+    """Writes the rotation of x into out (which may be x). args: the RotaryArgs, already
+    validated."""
+    launch = rotary_launch(x, cos, sin, args, out)
+    if launch is not None:
+        launch()
 
 
 def aot_specs():
     """phi-1.5 shapes for the static report: q and k of batch 4, seqlen 2048, 32 heads x 64,
     rotary 32, out-of-place (pass-through copied), fp16 and bf16."""
+    from phi_kernels.rotary import RotaryArgs
     from phi_kernels.triton.aot import AotSpec
 
     batch, seqlen, heads, head_dim, rotary_dim = 4, 2048, 32, 64, 32
     specs = []
-    for dt in ("fp16", "bf16"):
-        sig = {"X": f"*{dt}", "OUT": f"*{dt}", "COS": f"*{dt}", "SIN": f"*{dt}", "CU_SEQLENS": "*i32",
-               "SEQLEN_OFFSETS": "*i32", "seqlen": "i32", "seqlen_offset": "i32", "rotary_dim": "i32",
-               "head_dim": "i32", "stride_xb": "i64", "stride_xt": "i64", "stride_xh": "i64", "stride_ob": "i64",
-               "stride_ot": "i64", "stride_oh": "i64"}
-        consts = dict(IS_VARLEN=False, HAS_OFFSETS_TENSOR=False, INTERLEAVED=False, CONJUGATE=False,
-                      COPY_PASS=True, BF16_AS_INT16=False, BLOCK_M=32, BLOCK_H=rotary_dim // 2,
-                      BLOCK_P=head_dim - rotary_dim)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.empty(batch, seqlen, heads, head_dim, dtype=dtype, device="meta")
+        cos = torch.empty(seqlen, rotary_dim // 2, dtype=dtype, device="meta")
+        launch = rotary_launch(x, cos, cos, RotaryArgs(max_seqlen=seqlen), torch.empty_like(x))
         nbytes = 2 * (2 * batch * seqlen * heads * head_dim * 2) + 2 * seqlen * rotary_dim // 2 * 2
-        specs.append(AotSpec(f"rotary {dt} (q+k)", _rotary_kernel, sig, consts, num_warps=4, num_stages=1,
-                             flops=2 * 6 * batch * seqlen * heads * rotary_dim // 2, min_bytes=nbytes,
-                             shape=f"q,k ({batch}, {seqlen}, {heads}, {head_dim}), rotary {rotary_dim}"))
+        specs.append(AotSpec.of_launch(f"rotary {AotSpec.type_name(dtype)} (q+k)", launch,
+                                       flops=2 * 6 * batch * seqlen * heads * rotary_dim // 2, min_bytes=nbytes,
+                                       shape=f"q,k ({batch}, {seqlen}, {heads}, {head_dim}), rotary {rotary_dim}"))
     return specs
