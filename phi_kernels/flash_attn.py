@@ -14,11 +14,13 @@ dropout drawn from a seed taken from torch's default generator, so torch.manual_
 reproducible and the forward and backward see the same mask. A row that sees no key returns 0
 (and lse +inf). Memory is linear in the sequence length on the triton and cuda backends.
 
-Non-finite inputs (flash_math.h; the oracle and the cpu backend follow it, see
-tests/test_bad_input_kernels.py for the kernels' status): a key a row cannot see (causal,
+Non-finite inputs (flash_math.h; tests/test_bad_input_kernels.py): a key a row cannot see (causal,
 window, another packed sequence, a KV-cache slot past cache_seqlens) never affects that row,
 whatever its k and v hold; a NaN the row sees, in its q or in the k of a visible key, makes the
-whole output row and its lse NaN; a NaN in v[j, c] of a visible key j makes out[row, c] NaN.
+whole output row and its lse NaN; out[row, c] is the IEEE sum over the visible keys j of p[row, j]
+* v[j, c]: NaN for a NaN v[j, c], inf of its sign for an infinite one, NaN where p is 0 (underflow,
+dropout) or both signs meet. Every backend follows it. Gradients with non-finite inputs are
+unspecified.
 
 Bad arguments raise ValueError naming them before anything runs or is written: softcap must be
 finite and >= 0, softmax_scale finite and > 0 (both also as float32), dropout_p in [0, 1),

@@ -1,7 +1,7 @@
 """Helpers for running Triton kernels under TRITON_INTERPRET=1 (the CPU tests).
 
-The interpreter stores bf16 as raw uint16 words and computes on the bits, so bf16 results are
-wrong there (../shared/TOOLCHAIN.md). Launchers pass bf16 tensors to interpreted kernels as
+The interpreter of Triton 3.8 stores bf16 as raw uint16 words, and its arithmetic and tl.dot run
+on those bits, so bf16 results are wrong there. Launchers pass bf16 tensors to interpreted kernels as
 int16 views, and kernels decode/encode them with `load_as_fp32` / `to_storage` when the
 constexpr BF16_AS_INT16 is set. Compiled kernels never take that path.
 """
