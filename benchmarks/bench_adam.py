@@ -1,8 +1,8 @@
-"""One optimizer step, in GB/s of the minimum traffic (shared/ANCHORS.md: 28 B/param for fp32
-p, g, m, v; 30 B/param for bf16 p, g + fp32 master, m, v).
+"""One optimizer step, in GB/s of the minimum traffic (p, m, v and a master copy read and
+written once, g read once: 28 B/param for fp32 p, g, m, v; 30 B/param for bf16 p, g + fp32 master, m, v).
 
 Workloads: a phi-1.5-like list of tensors (every weight and bias of the model's layers, scaled
-down on the CPU) and one flat tensor (50M elements on the CPU as in TOOLCHAIN.md, 1.4B-param
+down on the CPU) and one flat tensor (50M elements on the CPU, 1.4B-param
 phi-1.5 scale on a GPU). Providers: ours per available backend; torch AdamW foreach and fused;
 DeepSpeedCPUAdam on the CPU; apex / DeepSpeed FusedAdam on a GPU when installed.
 """
