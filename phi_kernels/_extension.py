@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-_BUILD_HINT = "build it with `pip install -e .` (see README.md)"
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (see README.md)"
 
 
 def _load() -> str | None:

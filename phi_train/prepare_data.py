@@ -137,7 +137,11 @@ def _jsonl_records(path: str, field: str, offset: int, line: int, stats: dict):
 
 
 def _parquet_records(path: str, field: str, row: int, stats: dict):
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow, which is not installed here "
+                         "(pip install 'phi-kernels[train]' or pip install pyarrow)") from None
 
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -51,6 +52,8 @@ local_rank = int(os.environ.get("LOCAL_RANK", 0))
 # Every flag is checked before any process group, data or model (a bad config fails fast, naming
 # the flag), and batch / step counts are derived for this world size.
 cfg = validate(parse_args(), world)
+if importlib.util.find_spec("deepspeed") is None:  # before any file is written or data prepared
+    sys.exit("train/pretrain.py needs DeepSpeed, which is not installed here: pip install 'phi-kernels[train]'")
 if cfg.dry_run:
     from phi_train.dry_run import main as dry_run
 
