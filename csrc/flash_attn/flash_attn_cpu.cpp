@@ -484,11 +484,7 @@ void load_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp
   transpose(w.q, sq_p, dp, w.q_t);
   transpose(w.dout, sq_p, dp, w.dout_t);
   for (int i = 0; i < sq_p; ++i) {  // D_i = rowsum(dO * O), the softmax backward's correction
-    float acc = 0.f;
-    if (i < sq) {
-      for (int c = 0; c < d; ++c) acc += to_float(out[i * p.out_row_stride + c]) * w.dout[i * dp + c];
-    }
-    w.d_rows[i] = acc;
+    w.d_rows[i] = i < sq ? row_dot(w.dout + size_t(i) * dp, out + i * p.out_row_stride, d) : 0.f;
     w.lse[i] = i < sq ? p.lse[seq.lse_index(p, b, h, i)] : flash::kInf;
     w.hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(i));
   }
