@@ -334,11 +334,33 @@ inline void add_scaled_row(float pj, const T* v, int d, float* o) {
   for (; c < d; ++c) o[c] += pj * to_float(v[c]);
 }
 
-// Query rows [r0, r0 + rows) of heads [h0, h0 + nh) of sequence b (nh <= the scratch's row_heads).
+// A decoding step over fewer sequences than threads splits each sequence's keys into `parts`
+// ranges (flash-decoding), every task streaming whole key rows of all heads; each part leaves
+// its (max, sum, unnormalized output) per (head, row) in `partials`, merged by merge_parts.
+struct Key_split {
+  int part = 0, parts = 1, d = 0;
+  float* partials = nullptr;  // (batch, parts, heads, kDirectRows) records of 2 + d floats
+
+  void keys(int seqlen_k, int* begin, int* end) const {
+    const int size = (seqlen_k + parts - 1) / parts;
+    *begin = std::min(part * size, seqlen_k);
+    *end = std::min(*begin + size, seqlen_k);
+  }
+  float* at(const Flash_params& p, int b, int h, int row, int of_part = -1) const {
+    const size_t index = ((size_t(b) * parts + (of_part < 0 ? part : of_part)) * p.heads + h) * kDirectRows + row;
+    return partials + index * (2 + d);
+  }
+};
+constexpr int kMinPartKeys = 256;  // keys per part at least: below, the merge costs more than it saves
+
+// Query rows [r0, r0 + rows) of heads [h0, h0 + nh) of sequence b (nh <= the scratch's row_heads),
+// over the keys of split's part.
 template <typename T>
 void attend_rows(const Flash_params& p, int b, int h0, int nh, int r0, int rows, const Flash_seq& seq, int dp,
-                 const Fwd_scratch& w) {
+                 const Fwd_scratch& w, const Key_split& split = {}) {
   const int d = p.head_dim, pitch = round_up(seq.seqlen_k, kVecFloats);
+  int part_begin, part_end;
+  split.keys(seq.seqlen_k, &part_begin, &part_end);
   const flash::Mask mask = seq.mask(p);
   auto k_row = [&](int h, int j) {
     return static_cast<const T*>(p.k) + seq.k_offset(p, b, p.kv_head(h), j, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
@@ -349,6 +371,8 @@ void attend_rows(const Flash_params& p, int b, int h0, int nh, int r0, int rows,
   for (int row = r0; row < r0 + rows; ++row) {
     int jb, je;
     mask.key_range(row, row + 1, &jb, &je);
+    jb = std::max(jb, part_begin);
+    je = std::min(je, part_end);
     const int n = std::max(je - jb, 0), n_padded = round_up(n, kVecFloats);
     for (int u = 0; u < nh; ++u) {
       const T* qs = static_cast<const T*>(p.q) + seq.q_offset(p, b, h0 + u, row, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
@@ -391,6 +415,15 @@ void attend_rows(const Flash_params& p, int b, int h0, int nh, int r0, int rows,
     for (int j = 0; j < n; ++j) {
       for (int u = 0; u < nh; ++u) add_scaled_row(w.row_s[u * pitch + j], v_row(h0 + u, jb + j), d, w.row_o + u * dp);
     }
+    if (split.partials != nullptr) {  // this part's (max, sum, unnormalized output), merged later
+      for (int u = 0; u < nh; ++u) {
+        float* out = split.at(p, b, h0 + u, row);
+        out[0] = w.row_max[u];
+        out[1] = w.row_sum[u];
+        std::copy(w.row_o + u * dp, w.row_o + u * dp + d, out + 2);
+      }
+      continue;
+    }
     for (int u = 0; u < nh; ++u) {  // a row that sees no key: output 0, LSE +inf
       const flash::OnlineSoftmax stats = n > 0 ? flash::OnlineSoftmax{w.row_max[u], w.row_sum[u]} : flash::OnlineSoftmax{};
       const float inv = stats.inv_sum();
@@ -398,6 +431,35 @@ void attend_rows(const Flash_params& p, int b, int h0, int nh, int r0, int rows,
       for (int c = 0; c < d; ++c) dst[c] = from_float<T>(w.row_o[u * dp + c] * inv);
       p.lse[seq.lse_index(p, b, h0 + u, row)] = stats.lse();
     }
+  }
+}
+
+// out and LSE of head h's rows of sequence b from the parts' records: flash_math.h's
+// OnlineSoftmax::rescale applied to whole parts (a part that saw no key has max -inf, sum 0).
+template <typename T>
+void merge_parts(const Flash_params& p, int b, int h, const Key_split& split) {
+  const Flash_seq seq = Flash_seq::of(p, b);
+  const int d = p.head_dim;
+  auto factor = [](float from, float to) {
+    return to == -flash::kInf ? 1.f : (from == -flash::kInf ? 0.f : exp2_nonpositive(from - to));
+  };
+  float o[256];  // head_dim <= 256 (checked by the Python API)
+  for (int row = 0; row < seq.seqlen_q; ++row) {
+    float max = -flash::kInf, sum = 0.f;
+    std::fill(o, o + d, 0.f);
+    for (int part = 0; part < split.parts; ++part) {
+      const float* rec = split.at(p, b, h, row, part);
+      const float new_max = rec[0] > max ? rec[0] : max;
+      const float f_old = factor(max, new_max), f_part = factor(rec[0], new_max);
+      sum = sum * f_old + rec[1] * f_part;
+      for (int c = 0; c < d; ++c) o[c] = o[c] * f_old + rec[2 + c] * f_part;
+      max = new_max;
+    }
+    const flash::OnlineSoftmax stats{max, sum};
+    const float inv = stats.inv_sum();
+    T* dst = static_cast<T*>(p.out) + seq.q_offset(p, b, h, row, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+    for (int c = 0; c < d; ++c) dst[c] = from_float<T>(o[c] * inv);
+    p.lse[seq.lse_index(p, b, h, row)] = stats.lse();
   }
 }
 
@@ -409,11 +471,15 @@ void forward_typed(const Flash_params& p) {
   const bool decoding = p.seqlen_q <= kDirectRows;
   const bool parallel = macs > kParallelMacs;
   const int threads = parallel ? omp_get_max_threads() : 1;
-  const int head_chunks = std::max(1, std::min(threads / p.batch, p.heads));  // per sequence
+  // Threads beyond one per sequence split a decoding step's keys (long caches) or else its heads.
+  const int spare = decoding ? std::max(1, threads / p.batch) : 1;
+  const int key_parts = std::max(1, std::min(spare, p.seqlen_k / kMinPartKeys));
+  const int head_chunks = key_parts > 1 ? 1 : std::max(1, std::min(spare, p.heads));  // per sequence
   const int decode_heads = (p.heads + head_chunks - 1) / head_chunks;
   const int head_tasks = decoding ? (p.heads + decode_heads - 1) / decode_heads : p.heads;
   const size_t scratch_floats = Fwd_scratch(Carver(nullptr), dp, p.seqlen_k, decoding ? decode_heads : 1).floats;
-  const int m_blocks = decoding ? 1 : (p.seqlen_q + kBlockM - 1) / kBlockM;
+  const int m_blocks = decoding ? key_parts : (p.seqlen_q + kBlockM - 1) / kBlockM;
+  std::vector<float> partials(key_parts > 1 ? size_t(p.batch) * key_parts * p.heads * kDirectRows * (2 + d) : 0);
   Region_errors errors;
   #pragma omp parallel if (parallel)
   {
@@ -426,7 +492,8 @@ void forward_typed(const Flash_params& p) {
             const Flash_seq seq = Flash_seq::of(p, b);
             if (decoding) {
               const int h0 = ht * decode_heads;
-              attend_rows<T>(p, b, h0, std::min(decode_heads, p.heads - h0), 0, seq.seqlen_q, seq, dp, w);
+              const Key_split split{mb, key_parts, d, key_parts > 1 ? partials.data() : nullptr};
+              attend_rows<T>(p, b, h0, std::min(decode_heads, p.heads - h0), 0, seq.seqlen_q, seq, dp, w, split);
               return;
             }
             const int r0 = mb * kBlockM;
@@ -436,6 +503,14 @@ void forward_typed(const Flash_params& p) {
             const Query_block qb{b, ht, p.kv_head(ht), r0, rows, round_up(rows, kMicroCols), d, dp, seq, seq.mask(p)};
             forward_tiles<T>(p, qb, w);
           });
+        }
+      }
+    }
+    if (key_parts > 1) {  // every thread reaches this loop (key_parts is the same for all)
+      #pragma omp for collapse(2) schedule(static)
+      for (int b = 0; b < p.batch; ++b) {
+        for (int h = 0; h < p.heads; ++h) {
+          errors.run([&] { merge_parts<T>(p, b, h, Key_split{0, key_parts, d, partials.data()}); });
         }
       }
     }
