@@ -38,6 +38,7 @@ constexpr int kBlockM = 64;     // queries per tile
 constexpr int kBlockN = 64;     // keys per tile
 constexpr int kMicroCols = 32;  // head_dim and the query columns of S^T are padded to this
 constexpr int kDirectRows = 4;  // blocks of at most this many query rows take attend_rows
+constexpr int kPackKeys = 1024; // from this many keys the forward packs a head's K and V once
 static_assert(kMicroCols % kGemmCols == 0 && kBlockM % kGemmCols == 0, "tile widths are whole register blocks");
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
@@ -134,13 +135,18 @@ struct Fwd_scratch {
   float* row_q;      // attend_rows, per head: one query row, its output, all its scores
   float* row_o;
   float* row_s;
+  float* k_all;      // packed_keys x dp each: a long sequence's K and V, fp32 and contiguous (pack_keys)
+  float* v_all;
+  int* v_nonfinite;  // packed_keys + 1: rows of V before each row that hold a NaN / inf
 
-  Fwd_scratch(Carver&& c, int dp, int seqlen_k, int row_heads)
+  Fwd_scratch(Carver&& c, int dp, int seqlen_k, int row_heads, int packed_keys = 0)
       : q(c.take(kBlockM * dp)), q_t(c.take(kBlockM * dp)), o(c.take(kBlockM * dp)), k(c.take(kBlockN * dp)),
         v(c.take(kBlockN * dp)), s(c.take(kBlockN * kBlockM)), row_max(c.take(std::max(kBlockM, row_heads))),
         row_sum(c.take(std::max(kBlockM, row_heads))),
         factor(c.take(kBlockM)), tile_max(c.take(kBlockM)), hashes(c.take_u32(kBlockM)), row_q(c.take(row_heads * dp)),
-        row_o(c.take(row_heads * dp)), row_s(c.take(size_t(row_heads) * round_up(seqlen_k, kVecFloats))), floats(c.used()) {}
+        row_o(c.take(row_heads * dp)), row_s(c.take(size_t(row_heads) * round_up(seqlen_k, kVecFloats))),
+        k_all(c.take(size_t(packed_keys) * dp)), v_all(c.take(size_t(packed_keys) * dp)),
+        v_nonfinite(reinterpret_cast<int*>(c.take(packed_keys + 1))), floats(c.used()) {}
   size_t floats;
 };
 
@@ -181,9 +187,9 @@ void start_block(const Flash_params& p, const Query_block& qb, const Fwd_scratch
 
 // S^T = K Q^T for keys [c0, c0 + n), turned into scaled, capped, masked scores in log2 units
 // (-inf where a query cannot see the key, or is padding), and each query's max over the tile.
-void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, const Fwd_scratch& w) {
+void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, const float* k, const Fwd_scratch& w) {
   const int cols = qb.cols;
-  tile_gemm<C_init::kZero>({w.k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr}, n, cols);
+  tile_gemm<C_init::kZero>({k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr}, n, cols);
   const bool whole = qb.rows == cols && qb.mask.tile_all_visible(qb.r0, qb.r0 + qb.rows, c0, c0 + n);
   int seen_begin[kBlockN], seen_end[kBlockN];
   if (!whole) {
@@ -246,10 +252,10 @@ void tile_probs(const Flash_params& p, const Query_block& qb, int c0, int n, con
 }
 
 // O = diag(factor) O + P V over the tile's n keys.
-void accumulate_output(const Query_block& qb, int c0, int n, bool v_finite, const Fwd_scratch& w) {
+void accumulate_output(const Query_block& qb, int c0, int n, const float* v, bool v_finite, const Fwd_scratch& w) {
   const int dp = qb.dp;
   if (v_finite) {
-    tile_gemm<C_init::kScaleRows>({w.s, 1, qb.cols, w.v, dp, w.o, dp, n, w.factor}, qb.rows, dp);
+    tile_gemm<C_init::kScaleRows>({w.s, 1, qb.cols, v, dp, w.o, dp, n, w.factor}, qb.rows, dp);
     return;
   }
   // A NaN / inf in V: masked keys have P = 0, but 0 * NaN is NaN, so the product would carry
@@ -261,7 +267,7 @@ void accumulate_output(const Query_block& qb, int c0, int n, bool v_finite, cons
   for (int j = 0; j < n; ++j) {
     int ib, ie;
     seeing_rows(qb.mask, c0 + j, qb.r0, qb.rows, &ib, &ie);
-    const float* vj = w.v + j * dp;
+    const float* vj = v + j * dp;
     for (int i = ib; i < ie; ++i) {
       const float pij = w.s[j * qb.cols + i];
       float* o = w.o + i * dp;
@@ -283,19 +289,44 @@ void finalize_rows(const Flash_params& p, const Query_block& qb, const Fwd_scrat
   }
 }
 
+// K and V of the block's kv head, all seqlen_k rows, into k_all / v_all (zero-padded to dp).
+// A long sequence's query blocks then read them contiguously, not as 256 bytes every
+// heads * d elements (one page apart for phi-1.5: the prefetchers stop at each, and at s2048
+// the tile copies waited on L3).
 template <typename T>
-void forward_tiles(const Flash_params& p, const Query_block& qb, const Fwd_scratch& w) {
+void pack_keys(const Flash_params& p, const Query_block& qb, const Fwd_scratch& w) {
+  const int sk = qb.seq.seqlen_k;
+  load_tile(k_row_ptr<T>(p, qb, 0), p.k_row_stride, sk, qb.d, w.k_all, qb.dp, sk);
+  w.v_nonfinite[0] = 0;
+  for (int j = 0; j < sk; ++j) {
+    const bool finite = load_tile<T, true>(v_row_ptr<T>(p, qb, j), p.v_row_stride, 1, qb.d, w.v_all + size_t(j) * qb.dp, qb.dp, 1);
+    w.v_nonfinite[j + 1] = w.v_nonfinite[j] + (finite ? 0 : 1);
+  }
+}
+
+// With `packed`, K and V come from pack_keys' copy; otherwise each tile is copied in turn.
+template <typename T>
+void forward_tiles(const Flash_params& p, const Query_block& qb, const Fwd_scratch& w, bool packed = false) {
   start_block<T>(p, qb, w);
   int c_begin, c_end;
   qb.mask.key_range(qb.r0, qb.r0 + qb.rows, &c_begin, &c_end);
   for (int c0 = c_begin; c0 < c_end; c0 += kBlockN) {
     const int n = std::min(kBlockN, c_end - c0);
-    load_tile(k_row_ptr<T>(p, qb, c0), p.k_row_stride, n, qb.d, w.k, qb.dp, n);
-    const bool v_finite = load_tile<T, true>(v_row_ptr<T>(p, qb, c0), p.v_row_stride, n, qb.d, w.v, qb.dp, n);
-    tile_scores(p, qb, c0, n, w);
+    const float* k = w.k;
+    const float* v = w.v;
+    bool v_finite;
+    if (packed) {
+      k = w.k_all + size_t(c0) * qb.dp;
+      v = w.v_all + size_t(c0) * qb.dp;
+      v_finite = w.v_nonfinite[c0 + n] == w.v_nonfinite[c0];
+    } else {
+      load_tile(k_row_ptr<T>(p, qb, c0), p.k_row_stride, n, qb.d, w.k, qb.dp, n);
+      v_finite = load_tile<T, true>(v_row_ptr<T>(p, qb, c0), p.v_row_stride, n, qb.d, w.v, qb.dp, n);
+    }
+    tile_scores(p, qb, c0, n, k, w);
     rescale_running(qb, w);
     tile_probs(p, qb, c0, n, w);
-    accumulate_output(qb, c0, n, v_finite, w);
+    accumulate_output(qb, c0, n, v, v_finite, w);
   }
   finalize_rows<T>(p, qb, w);
 }
@@ -477,8 +508,13 @@ void forward_typed(const Flash_params& p) {
   const int head_chunks = key_parts > 1 ? 1 : std::max(1, std::min(spare, p.heads));  // per sequence
   const int decode_heads = (p.heads + head_chunks - 1) / head_chunks;
   const int head_tasks = decoding ? (p.heads + decode_heads - 1) / decode_heads : p.heads;
-  const size_t scratch_floats = Fwd_scratch(Carver(nullptr), dp, p.seqlen_k, decoding ? decode_heads : 1).floats;
-  const int m_blocks = decoding ? key_parts : (p.seqlen_q + kBlockM - 1) / kBlockM;
+  // Long sequences with heads enough for every thread: one task per head, K and V packed once
+  // for all its query blocks (pack_keys); otherwise one task per block of query rows.
+  const bool pack = !decoding && p.seqlen_k >= kPackKeys && p.batch * p.heads >= 2 * threads;
+  const int packed_keys = pack ? p.seqlen_k : 0;
+  const size_t scratch_floats =
+      Fwd_scratch(Carver(nullptr), dp, p.seqlen_k, decoding ? decode_heads : 1, packed_keys).floats;
+  const int m_blocks = decoding ? key_parts : pack ? 1 : (p.seqlen_q + kBlockM - 1) / kBlockM;
   std::vector<float> partials(key_parts > 1 ? size_t(p.batch) * key_parts * p.heads * kDirectRows * (2 + d) : 0);
   Region_errors errors;
   #pragma omp parallel if (parallel)
@@ -488,8 +524,22 @@ void forward_typed(const Flash_params& p) {
       for (int ht = 0; ht < head_tasks; ++ht) {
         for (int mb = 0; mb < m_blocks; ++mb) {
           errors.run([&] {
-            const Fwd_scratch w(Carver(thread_scratch(scratch_floats)), dp, p.seqlen_k, decoding ? decode_heads : 1);
+            const Fwd_scratch w(Carver(thread_scratch(scratch_floats)), dp, p.seqlen_k, decoding ? decode_heads : 1,
+                                packed_keys);
             const Flash_seq seq = Flash_seq::of(p, b);
+            if (pack) {
+              for (int r0 = 0; r0 < seq.seqlen_q; r0 += kBlockM) {
+                const int rows = std::min(kBlockM, seq.seqlen_q - r0);
+                if (rows <= kDirectRows) {
+                  attend_rows<T>(p, b, ht, 1, r0, rows, seq, dp, w);
+                  continue;
+                }
+                const Query_block qb{b, ht, p.kv_head(ht), r0, rows, round_up(rows, kMicroCols), d, dp, seq, seq.mask(p)};
+                if (r0 == 0) pack_keys<T>(p, qb, w);
+                forward_tiles<T>(p, qb, w, true);
+              }
+              return;
+            }
             if (decoding) {
               const int h0 = ht * decode_heads;
               const Key_split split{mb, key_parts, d, key_parts > 1 ? partials.data() : nullptr};
