@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from phi_kernels import BackendUnavailableError, flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
+from phi_kernels import BackendUnavailableError, backend_status, flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
 from phi_kernels.flash_attn import FlashAttnArgs
 from phi_kernels.reference import dropout_keep_mask, flash_attn_ref
 from tests.conftest import CUDA_KERNELS, DEVICE, kernel_backend, kernel_backends
@@ -277,3 +277,26 @@ def test_cuda_host_side_rejects_what_the_kernels_lack(name, make, match):
     q, k = make()
     with pytest.raises(RuntimeError, match=match):
         _plan(q, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [(-1, 0), (300, 0)], ids=["causal", "window300"])
+def test_cpu_long_sequence_packed(dtype, window):
+    """From 1024 keys the CPU forward packs each head's K and V once for all its query blocks:
+    against the fp64 oracle, with a NaN in a V row the last queries cannot see under the window
+    (it must reach exactly the rows that see it)."""
+    if not backend_status("cpu", "cpu").available:
+        pytest.skip("needs the CPU kernels")
+    torch.manual_seed(0)
+    batch, seqlen, heads, d = 2, 1100, 2, 64
+    q, k, v = (torch.randn(batch, seqlen, heads, d).to(dtype) for _ in range(3))
+    v[1, 100, 0, 5] = float("nan")
+    kw = dict(softmax_scale=1 / math.sqrt(d), window_size=window)
+    ref, _ = flash_attn_ref(q.double(), k.double(), v.double(), **kw)
+    plain, _ = flash_attn_ref(q, k, v, upcast=False, **kw)
+    with torch.no_grad():
+        out = flash_attn_func(q, k, v, causal=True, window_size=window, backend="cpu")
+    assert torch.equal(out.isnan(), ref.isnan())
+    finite = ~ref.isnan()
+    err = (out.double() - ref)[finite].abs().max().item()
+    assert err <= 2 * (plain.double() - ref)[finite].abs().max().item() + 1e-5

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from phi_kernels import flash_attn_with_kvcache
+from phi_kernels import backend_status, flash_attn_with_kvcache
 from phi_kernels.flash_attn import FlashAttnArgs
 from phi_kernels.reference import flash_attn_ref
 from tests.conftest import CUDA_KERNELS, DEVICE, kernel_backends
@@ -68,6 +68,34 @@ def test_kvcache_vs_fp64(backend, dtype, case):
     err, plain = (out.double() - o64).abs().max().item(), (olo.double() - o64).abs().max().item()
     assert err <= 2 * plain + 1e-5, (err, plain)
     assert lse.shape == (batch, heads, sq) and lse.dtype == torch.float32
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [(-1, -1), (90, -1)], ids=["full", "window90"])
+def test_cpu_decoding_split_over_keys(two_threads, dtype, window):
+    """One sequence, more threads than sequences and a long cache: the CPU kernel splits the
+    keys between threads and merges the parts' softmax states (with a window, the first part
+    sees no key at all)."""
+    if not backend_status("cpu", "cpu").available:
+        pytest.skip("needs the CPU kernels")
+    torch.manual_seed(0)
+    heads, kv_heads, d, cache_len, lens = 16, 8, 64, 1100, [1037]
+    mk = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
+    q, k_cache, v_cache = mk(1, 1, heads, d), mk(1, cache_len, kv_heads, d), mk(1, cache_len, kv_heads, d)
+    _, _, o64, olo = _expected(q, k_cache, v_cache, None, None, lens, True, window, 0.0, dtype)
+    with torch.no_grad():
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                      causal=True, window_size=window, backend="cpu")
+    err, plain = (out.double() - o64).abs().max().item(), (olo.double() - o64).abs().max().item()
+    assert err <= 2 * plain + 1e-5, (err, plain)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -17,13 +17,18 @@ constexpr int64_t kChunk = 16384;  // elements per task: 64 KB of fp32 per strea
 template <typename T, bool kAmsgrad, bool kMaster>
 void adam_chunk(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
                 float* __restrict__ vmax, float* __restrict__ master, int64_t n, const Adam_hparams& h,
-                const Adam_coeffs& c) {
+                const Adam_coeffs& coeffs) {
+  // Local copies: the loop stores through float pointers that, to the compiler, might alias
+  // the float fields of h and c, so it re-read (and re-derived, e.g. 1 - beta1) them for every
+  // vector. Copies whose address never escapes live in registers.
+  const Adam_hparams hp = h;
+  const Adam_coeffs c = coeffs;
   #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float pi = kMaster ? master[i] : to_float(p[i]);
     float mi = m[i], vi = v[i];
     float vmi = kAmsgrad ? vmax[i] : 0.f;
-    adam_update<kAmsgrad>(pi, to_float(g[i]), mi, vi, vmi, h, c);
+    adam_update<kAmsgrad>(pi, to_float(g[i]), mi, vi, vmi, hp, c);
     m[i] = mi;
     v[i] = vi;
     if (kAmsgrad) vmax[i] = vmi;

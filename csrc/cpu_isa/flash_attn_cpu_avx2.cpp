@@ -12,7 +12,7 @@
 #include "flash_attn/flash_launch.h"
 
 #define PHI_CPU_VEC_FLOATS 8
-#define PHI_CPU_GEMM_ROWS 4
+#define PHI_CPU_GEMM_ROWS 6
 #define flash_fwd_cpu flash_fwd_cpu_avx2
 #define flash_bwd_cpu flash_bwd_cpu_avx2
 PHI_TARGET_AVX2

@@ -1,149 +1,47 @@
 // Flash attention, CPU kernels: the flash-attention 2 algorithm with fp32 tiles in L1/L2
 // instead of shared memory, and the same masking / online-softmax / LSE / dropout rules as
 // the CUDA kernels (flash_math.h). No torch headers here; the glue is flash_attn_ops.cpp.
+// Compiled once per CPU capability (csrc/cpu_isa); the primitives are flash_cpu_tiles.h.
 //
 // Scores are kept transposed, S^T = K Q^T (keys x queries): then every product (S^T, O += P V,
 // and the backward's dP^T = V dO^T, dV += P^T dO, dK += dS^T Q, dQ += dS K) reads its B operand
 // as contiguous rows of an untransposed tile, the softmax statistics of the queries are
 // vectors along a row of S^T, and only Q and dO get transposed, once per head. One
-// register-blocked micro-kernel (tile_gemm) does every product, its accumulator block sized for
-// the ISA it is compiled for (8 x 32 fp32 in 16 AVX-512 registers, each loaded B vector feeding
-// 8 FMAs; 4 x 16 in 8 AVX2 registers; see kGemmRows). Tiles are zero-padded
-// (head_dim to a multiple of 32), and masked or padded scores get probability 0, so padding
-// never reaches an output.
+// register-blocked tile product (tile_gemm) does every product. Tiles are zero-padded (head_dim
+// to a multiple of 32, query columns of S^T to a multiple of 32), and masked or padded scores
+// get probability 0, so padding never reaches an output.
 //
 // Forward: OpenMP over (batch, head, block of kBlockM query rows); the task streams the
-// visible key blocks once with a running max and sum per row (memory O(seqlen)).
+// visible key tiles once, in four steps per tile (tile_scores, rescale_running, tile_probs,
+// accumulate_output), then finalize_rows; memory O(seqlen). A block of at most kDirectRows
+// rows (a decoding step) takes attend_rows instead: exact two-pass softmax, K and V read in place.
 // Backward: OpenMP over (batch, kv head): a task owns its dk/dv rows (the GQA heads of a
 // group accumulate into them in turn) and its heads' dq rows, so no atomics: deterministic.
+// Per (key tile, query tile): S^T and dP^T, score_grads (P^T and dS^T), accumulate_grads.
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cstring>
 #include <exception>
 #include <vector>
 
+#include <omp.h>
+
 #include "common/cpu_types.h"
 #include "flash_attn/flash.h"
+#include "flash_attn/flash_cpu_tiles.h"
 #include "flash_attn/flash_launch.h"
 
 namespace phi {
 namespace {
 
-constexpr int kBlockM = 64;  // queries per tile
-constexpr int kBlockN = 64;  // keys per tile
-constexpr int kMicroRows = 8;
-constexpr int kMicroCols = 32;
+constexpr int kBlockM = 64;     // queries per tile
+constexpr int kBlockN = 64;     // keys per tile
+constexpr int kMicroCols = 32;  // head_dim and the query columns of S^T are padded to this
+constexpr int kDirectRows = 4;  // blocks of at most this many query rows take attend_rows
+constexpr int kPackKeys = 1024; // from this many keys the forward packs a head's K and V once
+static_assert(kMicroCols % kGemmCols == 0 && kBlockM % kGemmCols == 0, "tile widths are whole register blocks");
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
-
-// 16 floats, unaligned, allowed to alias float: loads and stores through it are plain vector
-// moves. (Going through memcpy instead makes GCC keep the accumulators on the stack: 4.5x slower.)
-typedef float Vec16 __attribute__((vector_size(64), aligned(4), may_alias));
-
-// The register block of tile_gemm, sized for the ISA this file is compiled for (the wrappers in
-// csrc/cpu_isa set these): kGemmRows x kGemmVecs vectors of kVecFloats fp32 accumulators plus
-// kGemmVecs B vectors must fit the register file: AVX-512 8 x 2 ZMM (+2) of 32; AVX2 4 x 2 YMM
-// (+2) of 16; SSE 4 x 2 XMM (+2) of 16. (A Vec16 block on AVX2 needs 32 YMM: it spills, 20x slower.)
-#ifndef PHI_CPU_VEC_FLOATS
-#define PHI_CPU_VEC_FLOATS 16
-#define PHI_CPU_GEMM_ROWS 8
-#endif
-constexpr int kVecFloats = PHI_CPU_VEC_FLOATS;
-constexpr int kGemmRows = PHI_CPU_GEMM_ROWS;
-constexpr int kGemmVecs = 2;  // (8 x 1 on AVX2 measured slower than 4 x 2)
-constexpr int kGemmCols = kGemmVecs * kVecFloats;
-static_assert(kMicroRows % kGemmRows == 0 && kMicroCols % kGemmCols == 0, "register blocks tile the padded tiles");
-typedef float VecN __attribute__((vector_size(4 * kVecFloats), aligned(4), may_alias));
-
-// C[r][c] (+)= sum_k A(r, k) * B[k * ldb + c], A(r, k) = a[r * a_row + k * a_col], for r < rows,
-// c < cols, k < depth; rows a multiple of kMicroRows, cols of kMicroCols (tiles are padded).
-// A is read one scalar at a time (broadcast), so it may be stored transposed at no cost; the
-// accumulator block uses GCC vector types so that it stays in registers whatever the ISA.
-template <bool kAccumulate>
-void tile_gemm(const float* __restrict__ a, int a_row, int a_col, const float* __restrict__ b, int ldb,
-               float* __restrict__ c, int ldc, int rows, int cols, int depth) {
-  for (int r0 = 0; r0 < rows; r0 += kGemmRows) {
-    for (int c0 = 0; c0 < cols; c0 += kGemmCols) {
-      VecN acc[kGemmRows][kGemmVecs];
-      for (int r = 0; r < kGemmRows; ++r) {
-        for (int v = 0; v < kGemmVecs; ++v) {
-          acc[r][v] = kAccumulate ? *reinterpret_cast<const VecN*>(c + (r0 + r) * ldc + c0 + kVecFloats * v) : VecN{};
-        }
-      }
-      const float* arow = a + r0 * a_row;
-      for (int k = 0; k < depth; ++k) {
-        VecN bv[kGemmVecs];
-        for (int v = 0; v < kGemmVecs; ++v) bv[v] = *reinterpret_cast<const VecN*>(b + k * ldb + c0 + kVecFloats * v);
-        for (int r = 0; r < kGemmRows; ++r) {
-          const float ar = arow[r * a_row + k * a_col];
-          for (int v = 0; v < kGemmVecs; ++v) acc[r][v] += ar * bv[v];
-        }
-      }
-      for (int r = 0; r < kGemmRows; ++r) {
-        for (int v = 0; v < kGemmVecs; ++v) {
-          *reinterpret_cast<VecN*>(c + (r0 + r) * ldc + c0 + kVecFloats * v) = acc[r][v];
-        }
-      }
-    }
-  }
-}
-
-typedef int32_t IVec16 __attribute__((vector_size(64)));
-
-inline Vec16 load16(const float* p) { return *reinterpret_cast<const Vec16*>(p); }
-inline void store16(float* p, Vec16 v) { *reinterpret_cast<Vec16*>(p) = v; }
-
-// 2^x for x <= 0 (scores relative to the row max), 16 lanes at a time. Written with vector
-// types because GCC will not vectorize libm's exp2f, nor an inline polynomial with float->int
-// conversions, under default (trapping) math. Cephes' exp2f polynomial on [-0.5, 0.5],
-// relative error ~1e-7. The clamp maps NaN and large negatives to -126, keeping the int
-// conversions in range; a NaN input is given back as NaN (a NaN score in q or a visible key
-// must reach the row's output, flash_math.h's rule; callers select 0 for masked scores).
-inline Vec16 exp2_nonpositive(Vec16 x) {
-  const Vec16 in = x;
-  x = x > -126.f ? x : -126.f;
-  x = x < 0.f ? x : 0.f;
-  const IVec16 n = __builtin_convertvector(x - 0.5f, IVec16);  // trunc toward 0: x - n in [-0.5, 0.5]
-  const Vec16 f = x - __builtin_convertvector(n, Vec16);
-  Vec16 p = 1.535336188319500e-4f + Vec16{};
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  const Vec16 r = p * reinterpret_cast<Vec16>((n + 127) << 23);
-  return in == in ? r : in;
-}
-
-inline float exp2_nonpositive(float x) { return exp2_nonpositive(x + Vec16{})[0]; }
-
-// Copies `rows` rows of `d` elements (row stride `stride`) into a zero-padded fp32 tile with
-// row pitch `pitch`; rows [rows, padded_rows) are zero. Returns whether every value is finite
-// (checked only with kCheckFinite: x * 0 is 0 for finite x and NaN otherwise).
-template <typename T, bool kCheckFinite = false>
-bool load_tile(const T* __restrict__ src, int64_t stride, int rows, int d, float* __restrict__ dst, int pitch,
-               int padded_rows) {
-  float nonfinite = 0.f;
-  for (int r = 0; r < rows; ++r) {
-    const T* __restrict__ s = src + r * stride;
-    float* __restrict__ o = dst + r * pitch;
-    if constexpr (kCheckFinite) {
-      #pragma omp simd reduction(+ : nonfinite)
-      for (int c = 0; c < d; ++c) {
-        o[c] = to_float(s[c]);
-        nonfinite += o[c] * 0.f;
-      }
-    } else {
-      #pragma omp simd
-      for (int c = 0; c < d; ++c) o[c] = to_float(s[c]);
-    }
-    std::fill(dst + r * pitch + d, dst + (r + 1) * pitch, 0.f);
-  }
-  std::fill(dst + rows * pitch, dst + padded_rows * pitch, 0.f);
-  return nonfinite == 0.f;
-}
 
 // An exception must not leave an OpenMP region (that is std::terminate: a bad_alloc or a
 // length_error would abort the process): each task's body runs under run(), the first
@@ -175,15 +73,28 @@ class Region_errors {
   std::exception_ptr error_;
 };
 
-// dst[c * rows + r] = src[r * pitch + c] for c < pitch: a padded tile transposed.
-void transpose(const float* __restrict__ src, int rows, int pitch, float* __restrict__ dst) {
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < pitch; ++c) dst[c * rows + r] = src[r * pitch + c];
-}
+// Hands out consecutive arrays of one fp32 buffer (each rounded to 64 bytes). On a null base it
+// only counts: a scratch struct's constructor run on Carver(nullptr) sizes the buffer that the
+// same constructor then carves, so size and layout cannot drift apart.
+class Carver {
+ public:
+  explicit Carver(float* base) : base_(base) {}
+  float* take(size_t floats) {
+    float* p = base_ ? base_ + used_ : nullptr;
+    used_ += (floats + 15) / 16 * 16;
+    return p;
+  }
+  uint32_t* take_u32(size_t n) { return reinterpret_cast<uint32_t*>(take(n)); }
+  size_t used() const { return used_; }
+
+ private:
+  float* base_;
+  size_t used_ = 0;
+};
 
 // Per-thread scratch that persists across calls (no allocation per call: decoding calls the
 // forward with one query row, where a malloc per tile would cost more than the math).
-float* scratch(size_t floats) {
+float* thread_scratch(size_t floats) {
   thread_local std::vector<float> buffer;
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();
@@ -200,198 +111,456 @@ inline void seeing_rows(const flash::Mask& mask, int col, int r0, int m, int* be
   *end = std::clamp(*end - r0, 0, m);
 }
 
-// A tile of at most kDirectRows query rows (a decoding step, or the tail of a sequence) is
-// computed row by row: all of a row's scores at once (exact two-pass softmax), reading K and
-// V in place. The tile path would pad the rows to kMicroCols columns of S^T: 32x the work for
-// one row.
-constexpr int kDirectRows = 4;
+// Lanes [i, i + kVecFloats) of a row of S^T, keeping those in [begin, end) and -inf elsewhere.
+inline VecN keep_lanes(VecN x, int i, int begin, int end, VecN other) {
+  const IVecN idx = lane_index() + i;
+  return (idx >= begin) & (idx < end) ? x : other;
+}
+
+// ============================================================================= forward
+
+// A forward task's working set: one block of query rows against key tiles of kBlockN.
+struct Fwd_scratch {
+  float* q;          // kBlockM x dp: the query rows, zero-padded
+  float* q_t;        // dp x cols: Q^T, the B operand of S^T = K Q^T
+  float* o;          // kBlockM x dp: the output accumulator
+  float* k;          // kBlockN x dp
+  float* v;          // kBlockN x dp
+  float* s;          // kBlockN x cols: S^T in log2 units, then P^T
+  float* row_max;    // kBlockM each: the running max and sum (flash_math.h's OnlineSoftmax; per head in attend_rows),
+  float* row_sum;    //   the rescale factor of this tile, this tile's max
+  float* factor;
+  float* tile_max;
+  uint32_t* hashes;  // kBlockM: dropout row hashes
+  float* row_q;      // attend_rows, per head: one query row, its output, all its scores
+  float* row_o;
+  float* row_s;
+  float* k_all;      // packed_keys x dp each: a long sequence's K and V, fp32 and contiguous (pack_keys)
+  float* v_all;
+  int* v_nonfinite;  // packed_keys + 1: rows of V before each row that hold a NaN / inf
+
+  Fwd_scratch(Carver&& c, int dp, int seqlen_k, int row_heads, int packed_keys = 0)
+      : q(c.take(kBlockM * dp)), q_t(c.take(kBlockM * dp)), o(c.take(kBlockM * dp)), k(c.take(kBlockN * dp)),
+        v(c.take(kBlockN * dp)), s(c.take(kBlockN * kBlockM)), row_max(c.take(std::max(kBlockM, row_heads))),
+        row_sum(c.take(std::max(kBlockM, row_heads))),
+        factor(c.take(kBlockM)), tile_max(c.take(kBlockM)), hashes(c.take_u32(kBlockM)), row_q(c.take(row_heads * dp)),
+        row_o(c.take(row_heads * dp)), row_s(c.take(size_t(row_heads) * round_up(seqlen_k, kVecFloats))),
+        k_all(c.take(size_t(packed_keys) * dp)), v_all(c.take(size_t(packed_keys) * dp)),
+        v_nonfinite(reinterpret_cast<int*>(c.take(packed_keys + 1))), floats(c.used()) {}
+  size_t floats;
+};
+
+// The query rows [r0, r0 + rows) of head h of sequence b; `cols` is rows padded to kMicroCols.
+struct Query_block {
+  int b, h, kvh, r0, rows, cols, d, dp;
+  Flash_seq seq;
+  flash::Mask mask;
+};
 
 template <typename T>
-void forward_rows_direct(const Flash_params& p, int b, int h, int r0, int rows, const Flash_seq& seq, float* buf) {
-  const int d = p.head_dim;
+const T* q_row_ptr(const Flash_params& p, const Query_block& qb, int row) {
+  return static_cast<const T*>(p.q) + qb.seq.q_offset(p, qb.b, qb.h, row, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+}
+template <typename T>
+T* out_row_ptr(const Flash_params& p, const Query_block& qb, int row) {
+  return static_cast<T*>(p.out) + qb.seq.q_offset(p, qb.b, qb.h, row, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+}
+template <typename T>
+const T* k_row_ptr(const Flash_params& p, const Query_block& qb, int row) {
+  return static_cast<const T*>(p.k) + qb.seq.k_offset(p, qb.b, qb.kvh, row, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+}
+template <typename T>
+const T* v_row_ptr(const Flash_params& p, const Query_block& qb, int row) {
+  return static_cast<const T*>(p.v) + qb.seq.k_offset(p, qb.b, qb.kvh, row, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+}
+
+// Q^T for the block, and the running statistics of an empty row.
+template <typename T>
+void start_block(const Flash_params& p, const Query_block& qb, const Fwd_scratch& w) {
+  load_tile(q_row_ptr<T>(p, qb, qb.r0), p.q_row_stride, qb.rows, qb.d, w.q, qb.dp, qb.cols);
+  transpose(w.q, qb.cols, qb.dp, w.q_t);  // q_t[c * cols + i]
+  std::fill(w.o, w.o + qb.cols * qb.dp, 0.f);
+  std::fill(w.row_max, w.row_max + qb.cols, -flash::kInf);
+  std::fill(w.row_sum, w.row_sum + qb.cols, 0.f);
+  for (int i = 0; i < qb.cols; ++i) w.hashes[i] = p.dropout.row_hash(uint32_t(qb.b * p.heads + qb.h), uint32_t(qb.r0 + i));
+}
+
+// S^T = K Q^T for keys [c0, c0 + n), turned into scaled, capped, masked scores in log2 units
+// (-inf where a query cannot see the key, or is padding), and each query's max over the tile.
+void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, const float* k, const Fwd_scratch& w) {
+  const int cols = qb.cols;
+  tile_gemm<C_init::kZero>({k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr}, n, cols);
+  const bool whole = qb.rows == cols && qb.mask.tile_all_visible(qb.r0, qb.r0 + qb.rows, c0, c0 + n);
+  int seen_begin[kBlockN], seen_end[kBlockN];
+  if (!whole) {
+    for (int j = 0; j < n; ++j) seeing_rows(qb.mask, c0 + j, qb.r0, qb.rows, &seen_begin[j], &seen_end[j]);
+  }
+  const VecN neg_inf = splat(-flash::kInf);
+  for (int i = 0; i < cols; i += kVecFloats) {
+    VecN tmax = neg_inf;
+    for (int j = 0; j < n; ++j) {
+      float* sij = w.s + j * cols + i;
+      VecN x = load_vec(sij);
+      if (p.softcap > 0) {
+        for (int l = 0; l < kVecFloats; ++l) x[l] = flash::apply_softcap(x[l] * p.scale, p.softcap);
+      } else {
+        x = x * p.scale;
+      }
+      x = x * flash::kLog2e;
+      if (!whole) x = keep_lanes(x, i, seen_begin[j], seen_end[j], neg_inf);
+      store_vec(sij, x);
+      tmax = x > tmax ? x : tmax;  // a NaN score does not move the max (flash_math.h)
+    }
+    store_vec(w.tile_max + i, tmax);
+  }
+}
+
+// flash_math.h's OnlineSoftmax::rescale, a register of queries at a time: the running max
+// moves to include the tile's, the running sum is rescaled, and `factor` keeps the output's.
+void rescale_running(const Query_block& qb, const Fwd_scratch& w) {
+  for (int i = 0; i < qb.cols; i += kVecFloats) {
+    const VecN old_max = load_vec(w.row_max + i), tmax = load_vec(w.tile_max + i);
+    const VecN new_max = old_max > tmax ? old_max : tmax;
+    const VecN f = new_max == -flash::kInf ? splat(1.f) : exp2_nonpositive(old_max - new_max);
+    store_vec(w.factor + i, f);
+    store_vec(w.row_max + i, new_max);
+    store_vec(w.row_sum + i, load_vec(w.row_sum + i) * f);
+  }
+}
+
+// P^T = exp2(S^T - max) in place (0 where masked; flash_math.h's OnlineSoftmax::prob) added to
+// the running sums, then dropped out: the sums are of the undropped probabilities.
+void tile_probs(const Flash_params& p, const Query_block& qb, int c0, int n, const Fwd_scratch& w) {
+  const int cols = qb.cols;
+  for (int i = 0; i < cols; i += kVecFloats) {
+    const VecN max = load_vec(w.row_max + i);
+    VecN sum = load_vec(w.row_sum + i);
+    for (int j = 0; j < n; ++j) {
+      float* sij = w.s + j * cols + i;
+      const VecN x = load_vec(sij);
+      const VecN prob = x == -flash::kInf ? VecN{} : exp2_nonpositive(x - max);
+      sum += prob;
+      store_vec(sij, prob);
+    }
+    store_vec(w.row_sum + i, sum);
+  }
+  if (!p.dropout.enabled()) return;
+  for (int j = 0; j < n; ++j) {
+    float* sj = w.s + j * cols;
+    for (int i = 0; i < cols; ++i) sj[i] = p.dropout.keep(w.hashes[i], uint32_t(c0 + j)) ? sj[i] * p.dropout.scale : 0.f;
+  }
+}
+
+// O = diag(factor) O + P V over the tile's n keys.
+void accumulate_output(const Query_block& qb, int c0, int n, const float* v, bool v_finite, const Fwd_scratch& w) {
+  const int dp = qb.dp;
+  if (v_finite) {
+    tile_gemm<C_init::kScaleRows>({w.s, 1, qb.cols, v, dp, w.o, dp, n, w.factor}, qb.rows, dp);
+    return;
+  }
+  // A NaN / inf in V: masked keys have P = 0, but 0 * NaN is NaN, so the product would carry
+  // it to rows that cannot see the key. Sum each row's visible keys only.
+  for (int i = 0; i < qb.rows; ++i) {
+    float* o = w.o + i * dp;
+    for (int c = 0; c < dp; ++c) o[c] *= w.factor[i];
+  }
+  for (int j = 0; j < n; ++j) {
+    int ib, ie;
+    seeing_rows(qb.mask, c0 + j, qb.r0, qb.rows, &ib, &ie);
+    const float* vj = v + j * dp;
+    for (int i = ib; i < ie; ++i) {
+      const float pij = w.s[j * qb.cols + i];
+      float* o = w.o + i * dp;
+      #pragma omp simd
+      for (int c = 0; c < dp; ++c) o[c] += pij * vj[c];
+    }
+  }
+}
+
+// out = O / sum and the LSE, per flash_math.h's OnlineSoftmax.
+template <typename T>
+void finalize_rows(const Flash_params& p, const Query_block& qb, const Fwd_scratch& w) {
+  for (int i = 0; i < qb.rows; ++i) {
+    const flash::OnlineSoftmax row{w.row_max[i], w.row_sum[i]};
+    const float inv = row.inv_sum();
+    T* dst = out_row_ptr<T>(p, qb, qb.r0 + i);
+    for (int c = 0; c < qb.d; ++c) dst[c] = from_float<T>(w.o[i * qb.dp + c] * inv);
+    p.lse[qb.seq.lse_index(p, qb.b, qb.h, qb.r0 + i)] = row.lse();
+  }
+}
+
+// K and V of the block's kv head, all seqlen_k rows, into k_all / v_all (zero-padded to dp).
+// A long sequence's query blocks then read them contiguously, not as 256 bytes every
+// heads * d elements (one page apart for phi-1.5: the prefetchers stop at each, and at s2048
+// the tile copies waited on L3).
+template <typename T>
+void pack_keys(const Flash_params& p, const Query_block& qb, const Fwd_scratch& w) {
+  const int sk = qb.seq.seqlen_k;
+  load_tile(k_row_ptr<T>(p, qb, 0), p.k_row_stride, sk, qb.d, w.k_all, qb.dp, sk);
+  w.v_nonfinite[0] = 0;
+  for (int j = 0; j < sk; ++j) {
+    const bool finite = load_tile<T, true>(v_row_ptr<T>(p, qb, j), p.v_row_stride, 1, qb.d, w.v_all + size_t(j) * qb.dp, qb.dp, 1);
+    w.v_nonfinite[j + 1] = w.v_nonfinite[j] + (finite ? 0 : 1);
+  }
+}
+
+// With `packed`, K and V come from pack_keys' copy; otherwise each tile is copied in turn.
+template <typename T>
+void forward_tiles(const Flash_params& p, const Query_block& qb, const Fwd_scratch& w, bool packed = false) {
+  start_block<T>(p, qb, w);
+  int c_begin, c_end;
+  qb.mask.key_range(qb.r0, qb.r0 + qb.rows, &c_begin, &c_end);
+  for (int c0 = c_begin; c0 < c_end; c0 += kBlockN) {
+    const int n = std::min(kBlockN, c_end - c0);
+    const float* k = w.k;
+    const float* v = w.v;
+    bool v_finite;
+    if (packed) {
+      k = w.k_all + size_t(c0) * qb.dp;
+      v = w.v_all + size_t(c0) * qb.dp;
+      v_finite = w.v_nonfinite[c0 + n] == w.v_nonfinite[c0];
+    } else {
+      load_tile(k_row_ptr<T>(p, qb, c0), p.k_row_stride, n, qb.d, w.k, qb.dp, n);
+      v_finite = load_tile<T, true>(v_row_ptr<T>(p, qb, c0), p.v_row_stride, n, qb.d, w.v, qb.dp, n);
+    }
+    tile_scores(p, qb, c0, n, k, w);
+    rescale_running(qb, w);
+    tile_probs(p, qb, c0, n, w);
+    accumulate_output(qb, c0, n, v, v_finite, w);
+  }
+  finalize_rows<T>(p, qb, w);
+}
+
+// --------------------------------------------------------------- a few rows (decoding)
+//
+// A block of at most kDirectRows query rows (a decoding step, or the tail of a sequence) is
+// computed row by row: all of a row's scores at once (exact two-pass softmax), reading K and
+// V in place. The tile path would pad the rows to kMicroCols columns of S^T: 32x the work for
+// one row. A decoding step gives each thread all heads of a sequence, or an equal share of
+// them when there are fewer sequences than threads: in a (batch, seqlen, heads, d) cache the
+// heads of a key are side by side, and reading them together streams the cache; one head
+// alone reads 256 bytes of every 8 KiB (phi-1.5), which measured 10x slower once the cache
+// outgrows L2 (the prefetchers stop at page boundaries, and the 8 KiB stride uses a fraction
+// of the cache sets).
+
+// q . k over d elements (q zero-padded to a whole register).
+template <typename T>
+inline float row_dot(const float* q, const T* k, int d) {
+  VecN acc0{}, acc1{};
+  int c = 0;
+  for (; c + 2 * kVecFloats <= d; c += 2 * kVecFloats) {
+    acc0 += load_vec(q + c) * load_as_float(k + c);
+    acc1 += load_vec(q + c + kVecFloats) * load_as_float(k + c + kVecFloats);
+  }
+  float tail = 0.f;
+  for (; c < d; ++c) tail += q[c] * to_float(k[c]);
+  return lane_sum(acc0 + acc1) + tail;
+}
+
+// o[c] += pj * v[c] for c < d.
+template <typename T>
+inline void add_scaled_row(float pj, const T* v, int d, float* o) {
+  int c = 0;
+  for (; c + kVecFloats <= d; c += kVecFloats) store_vec(o + c, load_vec(o + c) + pj * load_as_float(v + c));
+  for (; c < d; ++c) o[c] += pj * to_float(v[c]);
+}
+
+// A decoding step over fewer sequences than threads splits each sequence's keys into `parts`
+// ranges (flash-decoding), every task streaming whole key rows of all heads; each part leaves
+// its (max, sum, unnormalized output) per (head, row) in `partials`, merged by merge_parts.
+struct Key_split {
+  int part = 0, parts = 1, d = 0;
+  float* partials = nullptr;  // (batch, parts, heads, kDirectRows) records of 2 + d floats
+
+  void keys(int seqlen_k, int* begin, int* end) const {
+    const int size = (seqlen_k + parts - 1) / parts;
+    *begin = std::min(part * size, seqlen_k);
+    *end = std::min(*begin + size, seqlen_k);
+  }
+  float* at(const Flash_params& p, int b, int h, int row, int of_part = -1) const {
+    const size_t index = ((size_t(b) * parts + (of_part < 0 ? part : of_part)) * p.heads + h) * kDirectRows + row;
+    return partials + index * (2 + d);
+  }
+};
+constexpr int kMinPartKeys = 256;  // keys per part at least: below, the merge costs more than it saves
+
+// Query rows [r0, r0 + rows) of heads [h0, h0 + nh) of sequence b (nh <= the scratch's row_heads),
+// over the keys of split's part.
+template <typename T>
+void attend_rows(const Flash_params& p, int b, int h0, int nh, int r0, int rows, const Flash_seq& seq, int dp,
+                 const Fwd_scratch& w, const Key_split& split = {}) {
+  const int d = p.head_dim, pitch = round_up(seq.seqlen_k, kVecFloats);
+  int part_begin, part_end;
+  split.keys(seq.seqlen_k, &part_begin, &part_end);
   const flash::Mask mask = seq.mask(p);
-  const int kvh = p.kv_head(h);
-  const T* k = static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, 0, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-  const T* v = static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, 0, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
-  float* const q = buf;                      // d
-  float* const o = q + round_up(d, 16);      // d
-  float* const s = o + round_up(d, 16);      // the row's scores, padded to 16
-  for (int i = 0; i < rows; ++i) {
-    const int row = r0 + i;
+  auto k_row = [&](int h, int j) {
+    return static_cast<const T*>(p.k) + seq.k_offset(p, b, p.kv_head(h), j, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  };
+  auto v_row = [&](int h, int j) {
+    return static_cast<const T*>(p.v) + seq.k_offset(p, b, p.kv_head(h), j, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  };
+  for (int row = r0; row < r0 + rows; ++row) {
     int jb, je;
     mask.key_range(row, row + 1, &jb, &je);
-    T* dst = static_cast<T*>(p.out) + seq.q_offset(p, b, h, row, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
-    float* lse = p.lse + seq.lse_index(p, b, h, row);
-    if (jb >= je) {  // sees no key: output 0, lse +inf (flash_math.h's OnlineSoftmax of an empty row)
-      for (int c = 0; c < d; ++c) dst[c] = from_float<T>(0.f);
-      *lse = flash::OnlineSoftmax{}.lse();
+    jb = std::max(jb, part_begin);
+    je = std::min(je, part_end);
+    const int n = std::max(je - jb, 0), n_padded = round_up(n, kVecFloats);
+    for (int u = 0; u < nh; ++u) {
+      const T* qs = static_cast<const T*>(p.q) + seq.q_offset(p, b, h0 + u, row, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+      float* q = w.row_q + u * dp;
+      for (int c = 0; c < d; ++c) q[c] = to_float(qs[c]);
+      std::fill(q + d, q + dp, 0.f);
+      std::fill(w.row_o + u * dp, w.row_o + (u + 1) * dp, 0.f);
+    }
+    // Scores in log2 units, key by key with the heads side by side (the cache's layout).
+    for (int j = 0; j < n; ++j) {
+      for (int u = 0; u < nh; ++u) {
+        const float dot = row_dot(w.row_q + u * dp, k_row(h0 + u, jb + j), d);
+        w.row_s[u * pitch + j] = flash::apply_softcap(dot * p.scale, p.softcap) * flash::kLog2e;
+      }
+    }
+    for (int u = 0; u < nh; ++u) {  // flash_math.h's OnlineSoftmax over the whole row at once
+      float* s = w.row_s + u * pitch;
+      std::fill(s + n, s + n_padded, -flash::kInf);
+      VecN vmax = splat(-flash::kInf);
+      for (int j = 0; j < n_padded; j += kVecFloats) {
+        const VecN x = load_vec(s + j);
+        vmax = x > vmax ? x : vmax;  // a NaN score does not move the max
+      }
+      float max = -flash::kInf;
+      for (int l = 0; l < kVecFloats; ++l) max = vmax[l] > max ? vmax[l] : max;
+      VecN vsum{};
+      for (int j = 0; j < n_padded; j += kVecFloats) {
+        const VecN x = load_vec(s + j);
+        const VecN prob = x == -flash::kInf ? VecN{} : exp2_nonpositive(x - max);
+        vsum += prob;
+        store_vec(s + j, prob);
+      }
+      w.row_max[u] = max;
+      w.row_sum[u] = lane_sum(vsum);
+      if (p.dropout.enabled()) {  // the sum above is of the undropped probabilities
+        const uint32_t hash = p.dropout.row_hash(uint32_t(b * p.heads + h0 + u), uint32_t(row));
+        for (int j = 0; j < n; ++j) s[j] = p.dropout.keep(hash, uint32_t(jb + j)) ? s[j] * p.dropout.scale : 0.f;
+      }
+    }
+    for (int j = 0; j < n; ++j) {
+      for (int u = 0; u < nh; ++u) add_scaled_row(w.row_s[u * pitch + j], v_row(h0 + u, jb + j), d, w.row_o + u * dp);
+    }
+    if (split.partials != nullptr) {  // this part's (max, sum, unnormalized output), merged later
+      for (int u = 0; u < nh; ++u) {
+        float* out = split.at(p, b, h0 + u, row);
+        out[0] = w.row_max[u];
+        out[1] = w.row_sum[u];
+        std::copy(w.row_o + u * dp, w.row_o + u * dp + d, out + 2);
+      }
       continue;
     }
-    const T* qs = static_cast<const T*>(p.q) + seq.q_offset(p, b, h, row, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
-    for (int c = 0; c < d; ++c) q[c] = to_float(qs[c]);
-    const int n = je - jb, n16 = round_up(n, 16);
-    float row_max = -flash::kInf;
-    for (int j = 0; j < n; ++j) {
-      const T* kj = k + int64_t(jb + j) * p.k_row_stride;
-      float dot = 0.f;
-      #pragma omp simd reduction(+ : dot)
-      for (int c = 0; c < d; ++c) dot += q[c] * to_float(kj[c]);
-      s[j] = flash::apply_softcap(dot * p.scale, p.softcap) * flash::kLog2e;
-      row_max = std::max(row_max, s[j]);
+    for (int u = 0; u < nh; ++u) {  // a row that sees no key: output 0, LSE +inf
+      const flash::OnlineSoftmax stats = n > 0 ? flash::OnlineSoftmax{w.row_max[u], w.row_sum[u]} : flash::OnlineSoftmax{};
+      const float inv = stats.inv_sum();
+      T* dst = static_cast<T*>(p.out) + seq.q_offset(p, b, h0 + u, row, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+      for (int c = 0; c < d; ++c) dst[c] = from_float<T>(w.row_o[u * dp + c] * inv);
+      p.lse[seq.lse_index(p, b, h0 + u, row)] = stats.lse();
     }
-    std::fill(s + n, s + n16, -flash::kInf);
-    Vec16 sums{};
-    for (int j = 0; j < n16; j += 16) {
-      const Vec16 x = load16(s + j);
-      const Vec16 prob = x == -flash::kInf ? Vec16{} : exp2_nonpositive(x - row_max);
-      sums += prob;
-      store16(s + j, prob);
-    }
-    float sum = 0.f;
-    for (int l = 0; l < 16; ++l) sum += sums[l];
+  }
+}
+
+// out and LSE of head h's rows of sequence b from the parts' records: flash_math.h's
+// OnlineSoftmax::rescale applied to whole parts (a part that saw no key has max -inf, sum 0).
+template <typename T>
+void merge_parts(const Flash_params& p, int b, int h, const Key_split& split) {
+  const Flash_seq seq = Flash_seq::of(p, b);
+  const int d = p.head_dim;
+  auto factor = [](float from, float to) {
+    return to == -flash::kInf ? 1.f : (from == -flash::kInf ? 0.f : exp2_nonpositive(from - to));
+  };
+  float o[256];  // head_dim <= 256 (checked by the Python API)
+  for (int row = 0; row < seq.seqlen_q; ++row) {
+    float max = -flash::kInf, sum = 0.f;
     std::fill(o, o + d, 0.f);
-    const uint32_t hash = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(row));
-    for (int j = 0; j < n; ++j) {
-      float pj = s[j];
-      if (p.dropout.enabled()) pj = p.dropout.keep(hash, uint32_t(jb + j)) ? pj * p.dropout.scale : 0.f;
-      const T* vj = v + int64_t(jb + j) * p.v_row_stride;
-      #pragma omp simd
-      for (int c = 0; c < d; ++c) o[c] += pj * to_float(vj[c]);
+    for (int part = 0; part < split.parts; ++part) {
+      const float* rec = split.at(p, b, h, row, part);
+      const float new_max = rec[0] > max ? rec[0] : max;
+      const float f_old = factor(max, new_max), f_part = factor(rec[0], new_max);
+      sum = sum * f_old + rec[1] * f_part;
+      for (int c = 0; c < d; ++c) o[c] = o[c] * f_old + rec[2 + c] * f_part;
+      max = new_max;
     }
-    const flash::OnlineSoftmax stats{row_max, sum};
+    const flash::OnlineSoftmax stats{max, sum};
     const float inv = stats.inv_sum();
+    T* dst = static_cast<T*>(p.out) + seq.q_offset(p, b, h, row, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
     for (int c = 0; c < d; ++c) dst[c] = from_float<T>(o[c] * inv);
-    *lse = stats.lse();
+    p.lse[seq.lse_index(p, b, h, row)] = stats.lse();
   }
 }
 
 template <typename T>
 void forward_typed(const Flash_params& p) {
   const int d = p.head_dim, dp = round_up(d, kMicroCols);
-  const int m_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
-  constexpr int M = kBlockM, N = kBlockN;
   const double macs = 2.0 * p.batch * p.heads * double(p.seqlen_q) * p.seqlen_k * dp;
-  const size_t scratch_floats = size_t(4 * M * dp + 2 * N * dp + N * M + 5 * M) + 2 * dp + round_up(p.seqlen_k, 16);
+  // A decoding step: tasks of decode_heads heads; otherwise tasks of kBlockM query rows of a head.
+  const bool decoding = p.seqlen_q <= kDirectRows;
+  const bool parallel = macs > kParallelMacs;
+  const int threads = parallel ? omp_get_max_threads() : 1;
+  // Threads beyond one per sequence split a decoding step's keys (long caches) or else its heads.
+  const int spare = decoding ? std::max(1, threads / p.batch) : 1;
+  const int key_parts = std::max(1, std::min(spare, p.seqlen_k / kMinPartKeys));
+  const int head_chunks = key_parts > 1 ? 1 : std::max(1, std::min(spare, p.heads));  // per sequence
+  const int decode_heads = (p.heads + head_chunks - 1) / head_chunks;
+  const int head_tasks = decoding ? (p.heads + decode_heads - 1) / decode_heads : p.heads;
+  // Long sequences with heads enough for every thread: one task per head, K and V packed once
+  // for all its query blocks (pack_keys); otherwise one task per block of query rows.
+  const bool pack = !decoding && p.seqlen_k >= kPackKeys && p.batch * p.heads >= 2 * threads;
+  const int packed_keys = pack ? p.seqlen_k : 0;
+  const size_t scratch_floats =
+      Fwd_scratch(Carver(nullptr), dp, p.seqlen_k, decoding ? decode_heads : 1, packed_keys).floats;
+  const int m_blocks = decoding ? key_parts : pack ? 1 : (p.seqlen_q + kBlockM - 1) / kBlockM;
+  std::vector<float> partials(key_parts > 1 ? size_t(p.batch) * key_parts * p.heads * kDirectRows * (2 + d) : 0);
   Region_errors errors;
-  #pragma omp parallel if (macs > kParallelMacs)
+  #pragma omp parallel if (parallel)
   {
     #pragma omp for collapse(3) schedule(dynamic)
     for (int b = 0; b < p.batch; ++b) {
-      for (int h = 0; h < p.heads; ++h) {
+      for (int ht = 0; ht < head_tasks; ++ht) {
         for (int mb = 0; mb < m_blocks; ++mb) {
           errors.run([&] {
-            float* const qf = scratch(scratch_floats);  // this thread's, allocated once
-            float* const qt = qf + M * dp;
-            float* const of = qt + M * dp;
-            float* const kf = of + M * dp;
-            float* const vf = kf + N * dp;
-            float* const st = vf + N * dp;
-            float* const row_max = st + N * M;
-            float* const row_sum = row_max + M;
-            float* const factor = row_sum + M;
-            float* const tile_max = factor + M;
-            uint32_t* const hashes = reinterpret_cast<uint32_t*>(tile_max + M);
-            float* const direct_buf = tile_max + 2 * M;
+            const Fwd_scratch w(Carver(thread_scratch(scratch_floats)), dp, p.seqlen_k, decoding ? decode_heads : 1,
+                                packed_keys);
             const Flash_seq seq = Flash_seq::of(p, b);
-            const int r0 = mb * M;
-            if (r0 >= seq.seqlen_q) return;
-            const int rows = std::min(M, seq.seqlen_q - r0);
-            if (rows <= kDirectRows) {
-              forward_rows_direct<T>(p, b, h, r0, rows, seq, direct_buf);
+            if (pack) {
+              for (int r0 = 0; r0 < seq.seqlen_q; r0 += kBlockM) {
+                const int rows = std::min(kBlockM, seq.seqlen_q - r0);
+                if (rows <= kDirectRows) {
+                  attend_rows<T>(p, b, ht, 1, r0, rows, seq, dp, w);
+                  continue;
+                }
+                const Query_block qb{b, ht, p.kv_head(ht), r0, rows, round_up(rows, kMicroCols), d, dp, seq, seq.mask(p)};
+                if (r0 == 0) pack_keys<T>(p, qb, w);
+                forward_tiles<T>(p, qb, w, true);
+              }
               return;
             }
-            const int cols = round_up(rows, kMicroCols);  // query columns of S^T actually computed
-            const flash::Mask mask = seq.mask(p);
-            int c_begin, c_end;
-            mask.key_range(r0, r0 + rows, &c_begin, &c_end);
-            const int kvh = p.kv_head(h);
-            load_tile(static_cast<const T*>(p.q) + seq.q_offset(p, b, h, r0, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
-                      p.q_row_stride, rows, d, qf, dp, cols);
-            transpose(qf, cols, dp, qt);  // qt[c * cols + i]: pitch `cols`
-            std::fill(of, of + cols * dp, 0.f);
-            std::fill(row_max, row_max + cols, -flash::kInf);
-            std::fill(row_sum, row_sum + cols, 0.f);
-            for (int i = 0; i < cols; ++i) hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(r0 + i));
-            for (int c0 = c_begin; c0 < c_end; c0 += N) {
-              const int n = std::min(N, c_end - c0);
-              load_tile(static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
-                        p.k_row_stride, n, d, kf, dp, N);
-              const bool v_finite = load_tile<T, true>(
-                  static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
-                  p.v_row_stride, n, d, vf, dp, N);
-              tile_gemm<false>(kf, dp, 1, qt, cols, st, cols, N, cols, dp);  // S^T = K Q^T, pitch `cols`
-              // Scaled, capped, masked scores (log2 units) and each query's max over this tile.
-              std::fill(tile_max, tile_max + cols, -flash::kInf);
-              for (int j = 0; j < N; ++j) {
-                float* sj = st + j * cols;
-                int ib = 0, ie = 0;
-                if (j < n) seeing_rows(mask, c0 + j, r0, rows, &ib, &ie);
-                if (p.softcap > 0) {
-                  for (int i = ib; i < ie; ++i) sj[i] = flash::apply_softcap(sj[i] * p.scale, p.softcap);
-                } else {
-                  #pragma omp simd
-                  for (int i = ib; i < ie; ++i) sj[i] *= p.scale;
-                }
-                #pragma omp simd
-                for (int i = 0; i < cols; ++i) {
-                  sj[i] = (i >= ib && i < ie) ? sj[i] * flash::kLog2e : -flash::kInf;
-                  tile_max[i] = std::max(tile_max[i], sj[i]);
-                }
-              }
-              // The online-softmax update of flash_math.h's OnlineSoftmax, as vectors over queries.
-              for (int i = 0; i < cols; i += 16) {
-                const Vec16 old_max = load16(row_max + i), tmax = load16(tile_max + i);
-                const Vec16 new_max = old_max > tmax ? old_max : tmax;
-                const Vec16 f = new_max == -flash::kInf ? 1.f + Vec16{} : exp2_nonpositive(old_max - new_max);
-                store16(factor + i, f);
-                store16(row_max + i, new_max);
-                store16(row_sum + i, load16(row_sum + i) * f);
-              }
-              for (int j = 0; j < N; ++j) {
-                float* sj = st + j * cols;
-                for (int i = 0; i < cols; i += 16) {
-                  const Vec16 x = load16(sj + i);
-                  const Vec16 prob = x == -flash::kInf ? Vec16{} : exp2_nonpositive(x - load16(row_max + i));
-                  store16(row_sum + i, load16(row_sum + i) + prob);
-                  store16(sj + i, prob);
-                }
-                if (p.dropout.enabled()) {  // the sums above are of the undropped probabilities
-                  for (int i = 0; i < cols; ++i)
-                    sj[i] = p.dropout.keep(hashes[i], uint32_t(c0 + j)) ? sj[i] * p.dropout.scale : 0.f;
-                }
-              }
-              for (int i = 0; i < cols; ++i) {
-                float* o = of + i * dp;
-                #pragma omp simd
-                for (int c = 0; c < dp; ++c) o[c] *= factor[i];
-              }
-              if (v_finite) {
-                tile_gemm<true>(st, 1, cols, vf, dp, of, dp, cols, dp, N);  // O += P V
-              } else {
-                // A NaN / inf in V: masked keys have P = 0, but 0 * NaN is NaN, so the product
-                // would carry it to rows that cannot see the key. Sum each row's visible keys only.
-                for (int j = 0; j < n; ++j) {
-                  int ib, ie;
-                  seeing_rows(mask, c0 + j, r0, rows, &ib, &ie);
-                  const float* vj = vf + j * dp;
-                  for (int i = ib; i < ie; ++i) {
-                    const float w = st[j * cols + i];
-                    float* o = of + i * dp;
-                    #pragma omp simd
-                    for (int c = 0; c < dp; ++c) o[c] += w * vj[c];
-                  }
-                }
-              }
+            if (decoding) {
+              const int h0 = ht * decode_heads;
+              const Key_split split{mb, key_parts, d, key_parts > 1 ? partials.data() : nullptr};
+              attend_rows<T>(p, b, h0, std::min(decode_heads, p.heads - h0), 0, seq.seqlen_q, seq, dp, w, split);
+              return;
             }
-            T* out = static_cast<T*>(p.out);
-            for (int i = 0; i < rows; ++i) {
-              flash::OnlineSoftmax row{row_max[i] == -flash::kInf ? -flash::kInf : row_max[i], row_sum[i]};
-              const float inv = row.inv_sum();
-              T* dst = out + seq.q_offset(p, b, h, r0 + i, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
-              for (int c = 0; c < d; ++c) dst[c] = from_float<T>(of[i * dp + c] * inv);
-              p.lse[seq.lse_index(p, b, h, r0 + i)] = row.lse();
-            }
+            const int r0 = mb * kBlockM;
+            if (r0 >= seq.seqlen_q) return;
+            const int rows = std::min(kBlockM, seq.seqlen_q - r0);
+            if (rows <= kDirectRows) return attend_rows<T>(p, b, ht, 1, r0, rows, seq, dp, w);
+            const Query_block qb{b, ht, p.kv_head(ht), r0, rows, round_up(rows, kMicroCols), d, dp, seq, seq.mask(p)};
+            forward_tiles<T>(p, qb, w);
           });
+        }
+      }
+    }
+    if (key_parts > 1) {  // every thread reaches this loop (key_parts is the same for all)
+      #pragma omp for collapse(2) schedule(static)
+      for (int b = 0; b < p.batch; ++b) {
+        for (int h = 0; h < p.heads; ++h) {
+          errors.run([&] { merge_parts<T>(p, b, h, Key_split{0, key_parts, d, partials.data()}); });
         }
       }
     }
@@ -399,124 +568,168 @@ void forward_typed(const Flash_params& p) {
   errors.rethrow();
 }
 
+// ============================================================================= backward
+
+// A backward task's working set: one head's whole query side, one kv head's whole dk / dv.
+struct Bwd_scratch {
+  float* q;          // sq_p x dp each: Q, Q^T, dO, dO^T, the dQ accumulator
+  float* q_t;
+  float* dout;
+  float* dout_t;
+  float* dq;
+  float* d_rows;     // sq_p each: D = rowsum(dO * O), the forward's LSE
+  float* lse;
+  uint32_t* hashes;  // sq_p: dropout row hashes
+  float* dk;         // sk_p x dp each: the kv head's gradients, summed over its query heads
+  float* dv;
+  float* k;          // kBlockN x dp each
+  float* v;
+  float* s;          // kBlockN x kBlockM each: S^T then dS^T, dP^T, P^T
+  float* dp_t;
+  float* p_t;
+
+  Bwd_scratch(Carver&& c, int dp, int sq_p, int sk_p)
+      : q(c.take(size_t(sq_p) * dp)), q_t(c.take(size_t(sq_p) * dp)), dout(c.take(size_t(sq_p) * dp)),
+        dout_t(c.take(size_t(sq_p) * dp)), dq(c.take(size_t(sq_p) * dp)), d_rows(c.take(sq_p)), lse(c.take(sq_p)),
+        hashes(c.take_u32(sq_p)), dk(c.take(size_t(sk_p) * dp)), dv(c.take(size_t(sk_p) * dp)),
+        k(c.take(kBlockN * dp)), v(c.take(kBlockN * dp)), s(c.take(kBlockN * kBlockM)), dp_t(c.take(kBlockN * kBlockM)),
+        p_t(c.take(kBlockN * kBlockM)), floats(c.used()) {}
+  size_t floats;
+};
+
+// Head h's queries, output gradients, D and LSE, and a zero dQ.
+template <typename T>
+void load_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp, int sq_p, const Bwd_scratch& w) {
+  const int d = p.head_dim, sq = seq.seqlen_q;
+  const T* q = static_cast<const T*>(p.q) + seq.q_offset(p, b, h, 0, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  const T* dout = static_cast<const T*>(p.dout) + seq.q_offset(p, b, h, 0, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride);
+  const T* out = static_cast<const T*>(p.out) + seq.q_offset(p, b, h, 0, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+  load_tile(q, p.q_row_stride, sq, d, w.q, dp, sq_p);
+  load_tile(dout, p.dout_row_stride, sq, d, w.dout, dp, sq_p);
+  transpose(w.q, sq_p, dp, w.q_t);
+  transpose(w.dout, sq_p, dp, w.dout_t);
+  for (int i = 0; i < sq_p; ++i) {  // D_i = rowsum(dO * O), the softmax backward's correction
+    w.d_rows[i] = i < sq ? row_dot(w.dout + size_t(i) * dp, out + i * p.out_row_stride, d) : 0.f;
+    w.lse[i] = i < sq ? p.lse[seq.lse_index(p, b, h, i)] : flash::kInf;
+    w.hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(i));
+  }
+  std::fill(w.dq, w.dq + size_t(sq_p) * dp, 0.f);
+}
+
+// From S^T (raw scores) and dP^T of keys [c0, c0 + n) x queries [m0, m0 + kBlockM): P^T
+// (dropped out) into p_t and dS^T (scaled, through softcap) into s, by flash_math.h's
+// prob_from_lse, softmax_grad and softcap_grad.
+void score_grads(const Flash_params& p, const flash::Mask& mask, int sq, int c0, int n, int m0, const Bwd_scratch& w) {
+  constexpr int M = kBlockM;
+  if (p.softcap == 0.f && !p.dropout.enabled()) {  // the common case, a register of queries at a time
+    const bool whole = mask.tile_all_visible(m0, m0 + M, c0, c0 + n);
+    for (int j = 0; j < n; ++j) {
+      float* sj = w.s + j * M;
+      float* pj = w.p_t + j * M;
+      const float* dpj = w.dp_t + j * M;
+      int ib = 0, ie = M;
+      if (!whole) seeing_rows(mask, c0 + j, m0, std::min(M, sq - m0), &ib, &ie);
+      for (int i = 0; i < M; i += kVecFloats) {
+        const VecN l = load_vec(w.lse + m0 + i), x = load_vec(sj + i) * p.scale;
+        VecN prob = l != flash::kInf ? exp2_nonpositive((x - l) * flash::kLog2e) : VecN{};
+        if (!whole) prob = keep_lanes(prob, i, ib, ie, VecN{});
+        store_vec(pj + i, prob);
+        store_vec(sj + i, prob * (load_vec(dpj + i) - load_vec(w.d_rows + m0 + i)) * p.scale);
+      }
+    }
+    return;
+  }
+  for (int j = 0; j < n; ++j) {
+    float* sj = w.s + j * M;
+    float* pj = w.p_t + j * M;
+    const float* dpj = w.dp_t + j * M;
+    int ib, ie;
+    seeing_rows(mask, c0 + j, m0, std::min(M, sq - m0), &ib, &ie);
+    for (int i = 0; i < M; ++i) {
+      const float capped = flash::apply_softcap(sj[i] * p.scale, p.softcap);
+      const float l = w.lse[m0 + i];
+      const bool on = i >= ib && i < ie && l != flash::kInf;
+      const float prob = on ? exp2_nonpositive((capped - l) * flash::kLog2e) : 0.f;
+      float kept = prob, dprob = dpj[i];
+      if (p.dropout.enabled()) {
+        const bool keep = p.dropout.keep(w.hashes[m0 + i], uint32_t(c0 + j));
+        kept = keep ? prob * p.dropout.scale : 0.f;
+        dprob = keep ? dprob * p.dropout.scale : 0.f;
+      }
+      pj[i] = kept;
+      sj[i] = flash::softmax_grad(prob, dprob, w.d_rows[m0 + i]) * flash::softcap_grad(capped, p.softcap) * p.scale;
+    }
+  }
+}
+
+// dV += P^T dO, dK += dS^T Q (keys [c0, c0 + n)), dQ += dS K (queries [m0, m0 + m)).
+void accumulate_grads(int dp, int c0, int n, int m0, int m, const Bwd_scratch& w) {
+  constexpr int M = kBlockM;
+  float* dk = w.dk + size_t(c0) * dp;
+  float* dv = w.dv + size_t(c0) * dp;
+  tile_gemm<C_init::kAdd>({w.p_t, M, 1, w.dout + size_t(m0) * dp, dp, dv, dp, m, nullptr}, n, dp);
+  tile_gemm<C_init::kAdd>({w.s, M, 1, w.q + size_t(m0) * dp, dp, dk, dp, m, nullptr}, n, dp);
+  tile_gemm<C_init::kAdd>({w.s, 1, M, w.k, dp, w.dq + size_t(m0) * dp, dp, n, nullptr}, m, dp);
+}
+
+template <typename T>
+void backward_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp, int sq_p, const Bwd_scratch& w) {
+  constexpr int M = kBlockM, N = kBlockN;
+  const int d = p.head_dim, kvh = p.kv_head(h), sq = seq.seqlen_q, sk = seq.seqlen_k;
+  const flash::Mask mask = seq.mask(p);
+  load_head<T>(p, b, h, seq, dp, sq_p, w);
+  for (int c0 = 0; c0 < sk; c0 += N) {
+    const int n = std::min(N, sk - c0);
+    int r_begin, r_end;
+    mask.row_range(c0, c0 + n, &r_begin, &r_end);
+    if (r_begin >= r_end) continue;
+    load_tile(static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
+              p.k_row_stride, n, d, w.k, dp, n);
+    load_tile(static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
+              p.v_row_stride, n, d, w.v, dp, n);
+    for (int m0 = r_begin / M * M; m0 < r_end; m0 += M) {
+      tile_gemm<C_init::kZero>({w.k, dp, 1, w.q_t + m0, sq_p, w.s, M, dp, nullptr}, n, M);         // S^T = K Q^T
+      tile_gemm<C_init::kZero>({w.v, dp, 1, w.dout_t + m0, sq_p, w.dp_t, M, dp, nullptr}, n, M);  // dP^T = V dO^T
+      score_grads(p, mask, sq, c0, n, m0, w);
+      accumulate_grads(dp, c0, n, m0, std::min(M, sq - m0), w);
+    }
+  }
+  T* dq = static_cast<T*>(p.dq) + seq.q_offset(p, b, h, 0, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  for (int i = 0; i < sq; ++i) {
+    for (int c = 0; c < d; ++c) dq[i * p.dq_row_stride + c] = from_float<T>(w.dq[i * dp + c]);
+  }
+}
+
 template <typename T>
 void backward_typed(const Flash_params& p) {
   const int d = p.head_dim, dp = round_up(d, kMicroCols);
   const int group = p.heads / p.kv_heads;
-  constexpr int M = kBlockM, N = kBlockN;
   const double macs = 5.0 * p.batch * p.heads * double(p.seqlen_q) * p.seqlen_k * dp;
+  const int max_q = round_up(std::max(p.seqlen_q, 1), kBlockM), max_k = round_up(std::max(p.seqlen_k, 1), kBlockN);
+  const size_t scratch_floats = Bwd_scratch(Carver(nullptr), dp, max_q, max_k).floats;
   Region_errors errors;
   #pragma omp parallel if (macs > kParallelMacs)
   {
-    const int max_q = round_up(std::max(p.seqlen_q, 1), M), max_k = round_up(std::max(p.seqlen_k, 1), N);
-    std::vector<float> qf, qt, dof, dot, dqf, d_rows, lse, row, dkf, dvf, kf, vf, st, dpt, pt;
-    std::vector<uint32_t> hashes;
-    // Every thread reaches the worksharing loop below, even when its buffers failed.
-    const bool allocated = errors.run([&] {
-      for (auto* v : {&qf, &qt, &dof, &dot, &dqf}) v->resize(size_t(max_q) * dp);
-      for (auto* v : {&d_rows, &lse}) v->resize(max_q);
-      row.resize(d);
-      for (auto* v : {&dkf, &dvf}) v->resize(size_t(max_k) * dp);
-      for (auto* v : {&kf, &vf}) v->resize(N * dp);
-      for (auto* v : {&st, &dpt, &pt}) v->resize(N * M);
-      hashes.resize(max_q);
-    });
+    std::vector<float> buffer;
+    // Every thread reaches the worksharing loop below, even when its buffer failed.
+    const bool allocated = errors.run([&] { buffer.resize(scratch_floats); });
     #pragma omp for collapse(2) schedule(dynamic)
     for (int b = 0; b < p.batch; ++b) {
       for (int kvh = 0; kvh < p.kv_heads; ++kvh) {
         if (!allocated) continue;
         errors.run([&] {
           const Flash_seq seq = Flash_seq::of(p, b);
-          const int sq = seq.seqlen_q, sk = seq.seqlen_k;
-          const int sq_p = round_up(std::max(sq, 1), M), sk_p = round_up(std::max(sk, 1), N);
-          const flash::Mask mask = seq.mask(p);
-          std::fill(dkf.begin(), dkf.begin() + size_t(sk_p) * dp, 0.f);
-          std::fill(dvf.begin(), dvf.begin() + size_t(sk_p) * dp, 0.f);
-          for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
-            const T* q = static_cast<const T*>(p.q) + seq.q_offset(p, b, h, 0, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
-            const T* dout = static_cast<const T*>(p.dout) +
-                            seq.q_offset(p, b, h, 0, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride);
-            const T* out = static_cast<const T*>(p.out) +
-                           seq.q_offset(p, b, h, 0, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
-            load_tile(q, p.q_row_stride, sq, d, qf.data(), dp, sq_p);
-            load_tile(dout, p.dout_row_stride, sq, d, dof.data(), dp, sq_p);
-            transpose(qf.data(), sq_p, dp, qt.data());
-            transpose(dof.data(), sq_p, dp, dot.data());
-            for (int i = 0; i < sq_p; ++i) {  // D_i = rowsum(dO * O), the softmax backward's correction
-              float acc = 0.f;
-              if (i < sq) {
-                for (int c = 0; c < d; ++c) row[c] = to_float(out[i * p.out_row_stride + c]);
-                for (int c = 0; c < d; ++c) acc += row[c] * dof[i * dp + c];
-              }
-              d_rows[i] = acc;
-              lse[i] = i < sq ? p.lse[seq.lse_index(p, b, h, i)] : flash::kInf;
-              hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(i));
-            }
-            std::fill(dqf.begin(), dqf.begin() + size_t(sq_p) * dp, 0.f);
-            for (int c0 = 0; c0 < sk; c0 += N) {
-              const int n = std::min(N, sk - c0);
-              int r_begin, r_end;
-              mask.row_range(c0, c0 + n, &r_begin, &r_end);
-              if (r_begin >= r_end) continue;
-              load_tile(static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
-                        p.k_row_stride, n, d, kf.data(), dp, N);
-              load_tile(static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
-                        p.v_row_stride, n, d, vf.data(), dp, N);
-              float* dk = &dkf[size_t(c0) * dp];
-              float* dv = &dvf[size_t(c0) * dp];
-              for (int m0 = r_begin / M * M; m0 < r_end; m0 += M) {
-                tile_gemm<false>(kf.data(), dp, 1, &qt[m0], sq_p, st.data(), M, N, M, dp);    // S^T = K Q^T
-                tile_gemm<false>(vf.data(), dp, 1, &dot[m0], sq_p, dpt.data(), M, N, M, dp);  // dP^T = V dO^T
-                for (int j = 0; j < N; ++j) {  // st becomes dS^T (scaled), pt P^T (dropped)
-                  float* sj = &st[j * M];
-                  float* pj = &pt[j * M];
-                  const float* dpj = &dpt[j * M];
-                  int ib = 0, ie = 0;
-                  if (j < n) seeing_rows(mask, c0 + j, m0, std::min(M, sq - m0), &ib, &ie);
-                  if (p.softcap == 0.f && !p.dropout.enabled()) {  // the common case, 16 queries at a time
-                    const IVec16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-                    for (int i = 0; i < M; i += 16) {
-                      const Vec16 l = load16(&lse[m0 + i]), s_ = load16(sj + i) * p.scale;
-                      const IVec16 idx = lane + i;
-                      const auto on = (idx >= ib) & (idx < ie) & (l != flash::kInf);
-                      const Vec16 prob = on ? exp2_nonpositive((s_ - l) * flash::kLog2e) : Vec16{};
-                      store16(pj + i, prob);
-                      store16(sj + i, prob * (load16(dpj + i) - load16(&d_rows[m0 + i])) * p.scale);
-                    }
-                    continue;
-                  }
-                  for (int i = 0; i < M; ++i) {
-                    const float capped = flash::apply_softcap(sj[i] * p.scale, p.softcap);
-                    const float l = lse[m0 + i];
-                    const bool on = i >= ib && i < ie && l != flash::kInf;
-                    const float prob = on ? exp2_nonpositive((capped - l) * flash::kLog2e) : 0.f;
-                    float kept = prob, dprob = dpj[i];
-                    if (p.dropout.enabled()) {
-                      const bool keep = p.dropout.keep(hashes[m0 + i], uint32_t(c0 + j));
-                      kept = keep ? prob * p.dropout.scale : 0.f;
-                      dprob = keep ? dprob * p.dropout.scale : 0.f;
-                    }
-                    pj[i] = kept;
-                    sj[i] = flash::softmax_grad(prob, dprob, d_rows[m0 + i]) * flash::softcap_grad(capped, p.softcap) *
-                            p.scale;
-                  }
-                }
-                tile_gemm<true>(pt.data(), M, 1, &dof[size_t(m0) * dp], dp, dv, dp, N, dp, M);  // dV += P^T dO
-                tile_gemm<true>(st.data(), M, 1, &qf[size_t(m0) * dp], dp, dk, dp, N, dp, M);   // dK += dS^T Q
-                tile_gemm<true>(st.data(), 1, M, kf.data(), dp, &dqf[size_t(m0) * dp], dp, M, dp, N);  // dQ += dS K
-              }
-            }
-            T* dq = static_cast<T*>(p.dq) + seq.q_offset(p, b, h, 0, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
-            for (int i = 0; i < sq; ++i) {
-              for (int c = 0; c < d; ++c) dq[i * p.dq_row_stride + c] = from_float<T>(dqf[i * dp + c]);
-            }
-          }
+          const int sq_p = round_up(std::max(seq.seqlen_q, 1), kBlockM), sk = seq.seqlen_k;
+          const Bwd_scratch w(Carver(buffer.data()), dp, sq_p, round_up(std::max(sk, 1), kBlockN));
+          std::fill(w.dk, w.dk + size_t(sk) * dp, 0.f);
+          std::fill(w.dv, w.dv + size_t(sk) * dp, 0.f);
+          for (int h = kvh * group; h < (kvh + 1) * group; ++h) backward_head<T>(p, b, h, seq, dp, sq_p, w);
           T* dk = static_cast<T*>(p.dk) + seq.k_offset(p, b, kvh, 0, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
           T* dv = static_cast<T*>(p.dv) + seq.k_offset(p, b, kvh, 0, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
           for (int j = 0; j < sk; ++j) {
             for (int c = 0; c < d; ++c) {
-              dk[j * p.dk_row_stride + c] = from_float<T>(dkf[j * dp + c]);
-              dv[j * p.dv_row_stride + c] = from_float<T>(dvf[j * dp + c]);
+              dk[j * p.dk_row_stride + c] = from_float<T>(w.dk[j * dp + c]);
+              dv[j * p.dv_row_stride + c] = from_float<T>(w.dv[j * dp + c]);
             }
           }
         });

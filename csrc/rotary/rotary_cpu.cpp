@@ -9,7 +9,7 @@ namespace phi {
 namespace {
 
 template <typename T>
-inline void rotary_row_cpu(const T* __restrict__ x_in, T* out, const T* __restrict__ cos,
+inline void rotary_row_cpu(const T* x_in, T* out, const T* __restrict__ cos,
                            const T* __restrict__ sin, const Rotary_params& p) {
   const int half = p.rotary_dim / 2;
   if (!p.interleaved) {

@@ -1,0 +1,226 @@
+// Flash attention, CPU kernels: the vector and tile primitives (one vector type of the ISA's
+// width, exp2, the register-blocked tile product, tile loads), sized by the ISA this header is
+// compiled for. Only flash_attn_cpu.cpp includes it, and that file is compiled once per
+// capability by csrc/cpu_isa (which sets PHI_CPU_VEC_FLOATS / PHI_CPU_GEMM_ROWS and the
+// target), so everything here sits in an anonymous namespace: each capability's copy stays its
+// own, and the linker can never hand an AVX-512 body to an AVX2 caller.
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "common/cpu_types.h"
+
+// kVecFloats: fp32 lanes of one register (AVX-512 16, AVX2 8, SSE 4). kGemmRows: rows of the
+// tile product's register block: kGemmRows x 2 accumulators + 2 B vectors + 1 broadcast must
+// fit the register file without spilling: AVX-512 12 x 2 (27 of 32 ZMM), AVX2 6 x 2 (15 of 16
+// YMM, the classic 6 x 16 BLAS kernel), SSE 4 x 2 (11 of 16 XMM).
+#ifndef PHI_CPU_VEC_FLOATS
+#define PHI_CPU_VEC_FLOATS 16
+#define PHI_CPU_GEMM_ROWS 12
+#endif
+
+namespace phi {
+namespace {
+
+constexpr int kVecFloats = PHI_CPU_VEC_FLOATS;
+constexpr int kGemmRows = PHI_CPU_GEMM_ROWS;
+constexpr int kGemmVecs = 2;
+constexpr int kGemmCols = kGemmVecs * kVecFloats;  // every B / C row count of a tile product is a multiple
+
+// One register of fp32 (and its int32 twin), unaligned, allowed to alias float: loads and
+// stores through it are plain vector moves. (Going through memcpy instead makes GCC keep the
+// accumulators on the stack.) A vector wider than the ISA's register would be split by GCC
+// through the stack: every vector here is exactly one register.
+typedef float VecN __attribute__((vector_size(4 * kVecFloats), aligned(4), may_alias));
+typedef int32_t IVecN __attribute__((vector_size(4 * kVecFloats), aligned(4), may_alias));
+
+inline VecN load_vec(const float* p) { return *reinterpret_cast<const VecN*>(p); }
+inline void store_vec(float* p, VecN v) { *reinterpret_cast<VecN*>(p) = v; }
+inline VecN splat(float x) { return VecN{} + x; }
+
+// Lane numbers 0, 1, ..., kVecFloats - 1.
+inline IVecN lane_index() {
+  IVecN l;
+  for (int i = 0; i < kVecFloats; ++i) l[i] = i;
+  return l;
+}
+
+// The kVecFloats values at p as fp32 (T is float, Half or BFloat16).
+template <typename T>
+inline VecN load_as_float(const T* p) {
+  if constexpr (sizeof(T) == 4) {
+    return load_vec(reinterpret_cast<const float*>(p));
+  } else {
+    VecN v;
+    for (int i = 0; i < kVecFloats; ++i) v[i] = to_float(p[i]);
+    return v;
+  }
+}
+
+typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef float Vec4 __attribute__((vector_size(16), aligned(4), may_alias));
+typedef float Vec2 __attribute__((vector_size(8), aligned(4), may_alias));
+
+// The sum of a register's lanes, as a tree of half-width adds (log2 lanes steps; a lane-by-lane
+// loop compiles to a serial chain of kVecFloats shuffles and adds).
+template <typename V>
+inline float lane_sum(V v) {
+  constexpr int kLanes = sizeof(V) / sizeof(float);
+  Vec4 s4;
+  if constexpr (kLanes == 16) {
+    const Vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  } else if constexpr (kLanes == 8) {
+    s4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  } else {
+    static_assert(kLanes == 4, "a register of 4, 8 or 16 floats");
+    s4 = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+  }
+  const Vec2 s2 = __builtin_shufflevector(s4, s4, 0, 1) + __builtin_shufflevector(s4, s4, 2, 3);
+  return s2[0] + s2[1];
+}
+
+// 2^x for x <= 0 (scores relative to the row max), a register at a time. Written with vector
+// types because GCC will not vectorize libm's exp2f, nor an inline polynomial with float->int
+// conversions, under default (trapping) math. Cephes' exp2f polynomial on [-0.5, 0.5],
+// relative error ~1e-7. The clamp maps NaN and large negatives to -126, keeping the int
+// conversions in range; a NaN input is given back as NaN (a NaN score in q or a visible key
+// must reach the row's output, flash_math.h's rule; callers select 0 for masked scores).
+inline VecN exp2_nonpositive(VecN x) {
+  const VecN in = x;
+  x = x > -126.f ? x : -126.f;
+  x = x < 0.f ? x : 0.f;
+  const IVecN n = __builtin_convertvector(x - 0.5f, IVecN);  // trunc toward 0: x - n in [-0.5, 0.5]
+  const VecN f = x - __builtin_convertvector(n, VecN);
+  VecN p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  const VecN r = p * reinterpret_cast<VecN>((n + 127) << 23);
+  return in == in ? r : in;
+}
+
+inline float exp2_nonpositive(float x) { return exp2_nonpositive(splat(x))[0]; }
+
+// ----------------------------------------------------------------------------- tile product
+//
+// C[r][c] = init(C[r][c]) + sum_k A(r, k) * B[k * ldb + c], A(r, k) = a[r * a_row + k * a_col],
+// for r < rows, c < cols (a multiple of kGemmCols), k < depth. A is read one scalar at a time
+// (broadcast), so it may be stored transposed at no cost; B and C rows are read as vectors.
+// init: kZero C = AB; kAdd C += AB; kScaleRows C = row_scale[r] * C + AB (the online softmax's
+// rescale of the output, done while the block is in registers).
+
+enum class C_init { kZero, kAdd, kScaleRows };
+
+struct Tile_operands {
+  const float* a;
+  int a_row, a_col;
+  const float* b;
+  int ldb;
+  float* c;
+  int ldc;
+  int depth;
+  const float* row_scale;  // kScaleRows only
+};
+
+// One R x kGemmCols block of C at (r0, c0), its accumulators in registers.
+template <int R, C_init kInit>
+inline void gemm_block(const Tile_operands& t, int r0, int c0) {
+  VecN acc[R][kGemmVecs];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < kGemmVecs; ++v) {
+      float* c = t.c + (r0 + r) * t.ldc + c0 + kVecFloats * v;
+      if constexpr (kInit == C_init::kZero) acc[r][v] = VecN{};
+      if constexpr (kInit == C_init::kAdd) acc[r][v] = load_vec(c);
+      if constexpr (kInit == C_init::kScaleRows) acc[r][v] = load_vec(c) * t.row_scale[r0 + r];
+    }
+  }
+  // Pointers stepped along k and 64-bit row offsets hoisted out of the loop: each broadcast
+  // is then one base + index * 4 load (int indices cost a sign extension and an add per
+  // broadcast and ran out of integer registers).
+  const ptrdiff_t a_row = t.a_row, a_col = t.a_col, ldb = t.ldb;
+  const float* __restrict__ ak = t.a + r0 * a_row;
+  const float* __restrict__ bk = t.b + c0;
+  for (int k = 0; k < t.depth; ++k, ak += a_col, bk += ldb) {
+    VecN bv[kGemmVecs];
+    for (int v = 0; v < kGemmVecs; ++v) bv[v] = load_vec(bk + kVecFloats * v);
+    for (int r = 0; r < R; ++r) {
+      const float ar = ak[r * a_row];
+      for (int v = 0; v < kGemmVecs; ++v) acc[r][v] += ar * bv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < kGemmVecs; ++v) store_vec(t.c + (r0 + r) * t.ldc + c0 + kVecFloats * v, acc[r][v]);
+  }
+}
+
+// The last rows % kGemmRows rows: a smaller block of exactly that many rows.
+template <C_init kInit, int R = kGemmRows - 1>
+inline void gemm_tail(const Tile_operands& t, int r0, int c0, int rest) {
+  if constexpr (R > 0) {
+    if (rest == R) return gemm_block<R, kInit>(t, r0, c0);
+    gemm_tail<kInit, R - 1>(t, r0, c0, rest);
+  }
+}
+
+template <C_init kInit>
+void tile_gemm(const Tile_operands& t, int rows, int cols) {
+  for (int c0 = 0; c0 < cols; c0 += kGemmCols) {
+    int r0 = 0;
+    for (; r0 + kGemmRows <= rows; r0 += kGemmRows) gemm_block<kGemmRows, kInit>(t, r0, c0);
+    gemm_tail<kInit>(t, r0, c0, rows - r0);
+  }
+}
+
+// ----------------------------------------------------------------------------- tile loads
+
+// Copies `rows` rows of `d` elements (row stride `stride`) into a zero-padded fp32 tile with
+// row pitch `pitch`; rows [rows, padded_rows) are zero. Returns whether every value is finite
+// (checked only with kCheckFinite: x * 0 is 0 for finite x and NaN otherwise).
+template <typename T, bool kCheckFinite = false>
+bool load_tile(const T* __restrict__ src, int64_t stride, int rows, int d, float* __restrict__ dst, int pitch,
+               int padded_rows) {
+  float nonfinite = 0.f;
+  for (int r = 0; r < rows; ++r) {
+    const T* __restrict__ s = src + r * stride;
+    float* __restrict__ o = dst + r * pitch;
+    if constexpr (kCheckFinite) {
+      #pragma omp simd reduction(+ : nonfinite)
+      for (int c = 0; c < d; ++c) {
+        o[c] = to_float(s[c]);
+        nonfinite += o[c] * 0.f;
+      }
+    } else {
+      #pragma omp simd
+      for (int c = 0; c < d; ++c) o[c] = to_float(s[c]);
+    }
+    std::fill(dst + r * pitch + d, dst + (r + 1) * pitch, 0.f);
+  }
+  std::fill(dst + rows * pitch, dst + padded_rows * pitch, 0.f);
+  return nonfinite == 0.f;
+}
+
+// dst[c * rows + r] = src[r * pitch + c] for c < pitch: a padded tile transposed, 16 rows at
+// a time so that every run of stores fills a cache line. (Row by row, consecutive stores are
+// rows * 4 bytes apart, a multiple of 4 KiB for a long sequence: all in one L1 set, which
+// made the backward's transposes cost a tenth of its time.)
+inline void transpose(const float* __restrict__ src, int rows, int pitch, float* __restrict__ dst) {
+  constexpr int kRun = 16;
+  int r0 = 0;
+  for (; r0 + kRun <= rows; r0 += kRun) {
+    for (int c = 0; c < pitch; ++c) {
+      for (int r = r0; r < r0 + kRun; ++r) dst[c * rows + r] = src[r * pitch + c];
+    }
+  }
+  for (int r = r0; r < rows; ++r) {
+    for (int c = 0; c < pitch; ++c) dst[c * rows + r] = src[r * pitch + c];
+  }
+}
+
+}  // namespace
+}  // namespace phi
