@@ -32,6 +32,7 @@ class AotSpec:
     min_bytes: float = 0.0
     shape: str = ""
     tensor_core: bool = False  # whether the kernel should use mma / wgmma
+    attrs: dict = dataclasses.field(default_factory=dict)  # {(arg index,): [["tt.divisibility", 16]]}
 
     @staticmethod
     def type_name(dtype) -> str:
@@ -44,33 +45,34 @@ class AotSpec:
     @classmethod
     def of_launch(cls, label: str, launch, **work) -> AotSpec:
         """The spec of a launch the op's launcher builds (phi_kernels/triton/_launch.py), for
-        tensors on the meta device: the signature is read from the values it passes, as Triton
-        types them when it runs (a tensor -> a pointer, an int -> i32 or i64, a float -> fp32,
-        None -> a constexpr None); tile sizes, constexprs, warps and stages are the launch's own.
-        work: flops, min_bytes, shape, tensor_core."""
-        import torch
+        tensors on the meta device, typed and specialised exactly as Triton's JIT does when the
+        launch runs (its own native_specialize_impl): a tensor -> a pointer assumed 16-byte
+        aligned, an int -> i32 / i64 with a divisibility-16 hint when it divides, an int equal to 1
+        -> a constexpr, a float -> fp32, None -> a constexpr None; tile sizes, constexprs, warps
+        and stages are the launch's own. work: flops, min_bytes, shape, tensor_core."""
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
 
         names = launch.kernel.arg_names
         meta = dict(launch.meta)
         num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
-        signature, constexprs = {}, dict(meta)
-        for name, value in zip(names, launch.args):
-            if value is None:
-                constexprs[name] = None
-            elif isinstance(value, torch.Tensor):
-                signature[name] = "*" + cls.type_name(value.dtype)
-            elif isinstance(value, bool):
-                signature[name] = "i1"
-            elif isinstance(value, int):
-                signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            elif isinstance(value, float):
-                signature[name] = "fp32"
-            else:
-                raise TypeError(f"{label}: no Triton type for argument {name} = {value!r}")
+        signature, constexprs, attrs = {}, dict(meta), {}
         if len(launch.args) + len(meta) != len(names):
             raise ValueError(f"{label}: {len(launch.args)} arguments and {len(meta)} constexprs for the "
                              f"{len(names)} parameters of {launch.kernel.__name__}")
-        return cls(label, launch.kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages, **work)
+        for index, (name, value) in enumerate(zip(names, launch.args)):
+            try:  # (type, specialisation): ("*fp16", "D"), ("i32", ""), ("constexpr", 1), ...
+                kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+            except Exception as e:
+                raise TypeError(f"{label}: no Triton type for argument {name} = {value!r} ({e})") from None
+            if kind == "constexpr":
+                constexprs[name] = spec
+                continue
+            signature[name] = kind
+            if spec == "D":
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        return cls(label, launch.kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                   attrs=attrs, **work)
 
 
 @dataclasses.dataclass
@@ -116,7 +118,7 @@ def compile_spec(spec: AotSpec, capability: int) -> AotResult:
 
     sig = dict(spec.signature)
     sig.update({k: "constexpr" for k in spec.constexprs})
-    src = triton.compiler.ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs))
+    src = triton.compiler.ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=spec.attrs)
     k = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     ptx = k.asm["ptx"]

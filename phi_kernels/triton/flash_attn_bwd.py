@@ -286,13 +286,17 @@ def bwd_launches(dout, q, k, v, out, lse, args, dq, dk, dv, delta) -> dict:
              heads, kv_heads, heads // kv_heads, *scalars),
             dict(**flags, num_warps=dkdv_warps, num_stages=stages, **dkdv_cfg))
     if max_q > 0:
+        # 8 warps on a GPU: with 4, the head_dim-64 dQ kernel (q, dO, dQ and a 64x64 score tile
+        # per program) spilled on sm_80 once the report compiled it with the divisibility hints
+        # Triton's JIT gives its strides (phi_kernels.inspect).
+        dq_warps = num_warps if q.device.type == "cpu" else 8
         launches["dq"] = Launch(
             _bwd_dq, (triton.cdiv(max_q, cfg["BLOCK_M"]), batch * heads),
             (kq, kk, kv, kdo, lse, delta, kernel_view(dq), cu_q, cu_k,
              *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen),
              *_strides3(dq, varlen), *lse_strides,
              heads, heads // kv_heads, *scalars),
-            dict(**flags, num_warps=num_warps, num_stages=stages, **cfg))
+            dict(**flags, num_warps=dq_warps, num_stages=stages, **cfg))
     return launches
 
 

@@ -119,23 +119,22 @@ def key_range(m0, m1, q_len, k_len, window_left, window_right, HAS_LEFT: tl.cons
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, v_bad, q, K, V, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len,
+def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, rows, offs_d, head_dim, q_len, k_len,
                blk_start, blk_end, qk_scale, softcap, window_left, window_right, seed, bh, dropout_p,
                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BF16_AS_INT16: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The online softmax over key tiles [blk_start, blk_end). MASKED tiles (some row misses some
     key): a masked key's p = 0 does not hide a non-finite v (0 * inf = 0 * NaN = NaN), so their
-    inf / NaN elements of V count as 0 here, v_bad (int32 scalar) records that there were some,
-    and _add_nonfinite_v adds what they contribute to the rows that see them."""
+    inf / NaN elements of V count as 0 here; _masked_v_nonfinite tells the kernel afterwards
+    whether there were any, and _nonfinite_v_patch adds what they contribute to the rows that
+    see them (outside this loop: the compiled kernel is at its register limit here)."""
     for blk in range(blk_start, blk_end):
         cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k = load_tile(K, cols, offs_d, stride_kn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
         v = load_tile(V, cols, offs_d, stride_vn, k_len, head_dim, BF16_AS_INT16).to(DOT_DTYPE)
         if MASKED:
-            nonfinite = (v != v) | (v == float("inf")) | (v == float("-inf"))
-            v_bad = tl.maximum(v_bad, tl.max(nonfinite.to(tl.int32)))
-            v = tl.where(nonfinite, 0.0, v).to(DOT_DTYPE)
+            v = tl.where((v - v) != 0.0, 0.0, v).to(DOT_DTYPE)  # inf - inf, NaN - NaN: NaN; finite: 0
         s, _t = scores(q, k, qk_scale, softcap, SOFTCAP, PRECISION)
         if MASKED:
             s = tl.where(visible(rows, cols, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT), s,
@@ -150,7 +149,19 @@ def _fwd_tiles(acc, m_i, l_i, v_bad, q, K, V, stride_kn, stride_vn, rows, offs_d
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
-    return acc, m_i, l_i, v_bad
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _masked_v_nonfinite(V, stride_vn, offs_d, head_dim, k_len, blk_start, blk_end, BF16_AS_INT16: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Whether V has an inf / NaN in key tiles [blk_start, blk_end) (int32 0 / 1)."""
+    bad = tl.zeros([], tl.int32)
+    for blk in range(blk_start, blk_end):
+        cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        v = load_tile(V, cols, offs_d, stride_vn, k_len, head_dim, BF16_AS_INT16)
+        bad = tl.maximum(bad, tl.max(((v - v) != 0.0).to(tl.int32)))
+    return bad
 
 
 @triton.jit
@@ -229,20 +240,19 @@ def _flash_fwd_kernel(
         m1 = tl.minimum(m0 + BLOCK_M, q_len)
         lo, full_lo, full_hi, hi = key_range(m0, m1, q_len, k_len, window_left, window_right, HAS_LEFT, HAS_RIGHT,
                                              BLOCK_N)
-        v_bad = tl.zeros([], tl.int32)
         # Boundary tiles with masks, fully visible tiles without, boundary tiles again.
-        acc, m_i, l_i, v_bad = _fwd_tiles(acc, m_i, l_i, v_bad, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d,
-                                          head_dim, q_len, k_len, lo, full_lo, qk_scale, softcap, window_left,
-                                          window_right, seed, bh, dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT,
-                                          DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
-        acc, m_i, l_i, v_bad = _fwd_tiles(acc, m_i, l_i, v_bad, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d,
-                                          head_dim, q_len, k_len, full_lo, full_hi, qk_scale, softcap, window_left,
-                                          window_right, seed, bh, dropout_p, False, SOFTCAP, HAS_LEFT, HAS_RIGHT,
-                                          DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
-        acc, m_i, l_i, v_bad = _fwd_tiles(acc, m_i, l_i, v_bad, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d,
-                                          head_dim, q_len, k_len, full_hi, hi, qk_scale, softcap, window_left,
-                                          window_right, seed, bh, dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT,
-                                          DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d,
+                                   head_dim, q_len, k_len, lo, full_lo, qk_scale, softcap, window_left,
+                                   window_right, seed, bh, dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                                   DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d,
+                                   head_dim, q_len, k_len, full_lo, full_hi, qk_scale, softcap, window_left,
+                                   window_right, seed, bh, dropout_p, False, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                                   DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, Kb, Vb, stride_kn, stride_vn, rows, offs_d,
+                                   head_dim, q_len, k_len, full_hi, hi, qk_scale, softcap, window_left,
+                                   window_right, seed, bh, dropout_p, True, SOFTCAP, HAS_LEFT, HAS_RIGHT,
+                                   DROPOUT, PRECISION, BF16_AS_INT16, BLOCK_N, DOT_DTYPE)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         # lse in natural-log units; +inf for rows that saw no key (their backward p is 0).
@@ -253,6 +263,9 @@ def _flash_fwd_kernel(
         _store_out(o_ptrs, out, o_mask, OUT, BF16_AS_INT16)
         Lb = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start
         tl.store(Lb + rows, lse, mask=rows < q_len)
+        v_bad = tl.maximum(  # an inf / NaN in V of a masked tile (re-read: a few tiles per program)
+            _masked_v_nonfinite(Vb, stride_vn, offs_d, head_dim, k_len, lo, full_lo, BF16_AS_INT16, BLOCK_N),
+            _masked_v_nonfinite(Vb, stride_vn, offs_d, head_dim, k_len, full_hi, hi, BF16_AS_INT16, BLOCK_N))
         if v_bad > 0:  # an inf / NaN in V of a masked tile (flash_math.h's rule for non-finite inputs)
             # After the store, so that the main loop's registers are free.
             patch = _nonfinite_v_patch(tl.zeros([BLOCK_M, BLOCK_D], tl.float32), m_i, q, Kb, Vb, stride_kn, stride_vn,
