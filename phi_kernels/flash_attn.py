@@ -522,12 +522,12 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
         # torch's rules for a written tensor: no element at two indices (an expand()ed cache would
         # take every row's keys in one place), no written tensor sharing memory with what is
         # read (the new k / v, the other cache, q, cache_seqlens).
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             if torch._debug_has_internal_overlap(cache) == 1:
-                raise ValueError(f"{name} has elements sharing one memory location (an expand()ed or stride-0 "
+                raise ValueError(f"{cache_name} has elements sharing one memory location (an expand()ed or stride-0 "
                                  f"tensor, strides {cache.stride()}): the new keys / values cannot be written into it")
         # (Every tensor here is on one device: checked above.)
-        tensors = {name: t for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+        tensors = {tname: t for tname, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
                                            ("q", q), ("cache_seqlens", lens)) if isinstance(t, Tensor)}
         for written in ("k_cache", "v_cache"):
             for read, t in tensors.items():

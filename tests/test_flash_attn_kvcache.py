@@ -4,6 +4,7 @@ against the fp64 reference; the kernels' seqused_k path; bad input."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -178,3 +179,30 @@ def _bad():
 def test_bad_input(name, call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_new_keys_decode_on_the_cpu_kernel_outside_the_test_environment():
+    """Regression: after writing new keys, a loop variable once shadowed the chosen backend's name,
+    and the call went to the Triton launcher. The tests' TRITON_INTERPRET=1 (conftest) hid it:
+    the interpreter ran the step correctly, while a user's process without it crashed. So this
+    runs a decoding step in a clean subprocess, on the automatic (cpu) and the ref backend."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from phi_kernels import flash_attn_with_kvcache
+torch.manual_seed(0)
+q, k, v = torch.randn(2, 1, 4, 64), torch.randn(2, 1, 2, 64), torch.randn(2, 1, 2, 64)
+outs = []
+for backend in (None, "ref"):
+    kc, vc = torch.zeros(2, 16, 2, 64), torch.zeros(2, 16, 2, 64)
+    with torch.no_grad():
+        outs.append(flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=torch.tensor([3, 7], dtype=torch.int32),
+                                            causal=True, backend=backend))
+torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+    env = {key: val for key, val in os.environ.items() if key not in ("TRITON_INTERPRET", "PHI_KERNELS_BACKEND")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
