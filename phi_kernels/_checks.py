@@ -1,6 +1,7 @@
 """Small argument-checking helpers shared by the ops' public functions (validate, then act)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 INT32_MAX = 2**31 - 1
@@ -32,6 +33,16 @@ def may_overlap(a: Tensor, b: Tensor) -> bool:
         return False
     (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
     return a0 < b1 and b0 < a1
+
+
+def check_cu_seqlens(cu, name: str, like: Tensor, like_name: str) -> None:
+    """ValueError naming the argument unless cu is a 1-D int32 tensor of (batch + 1,) offsets on
+    like's device (the values are checked by cu_seqlens_lengths, which reads them back)."""
+    if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        got = f"{cu.dtype}{tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        raise ValueError(f"{name} must be a 1-D int32 tensor of shape (batch + 1,), got {got}")
+    if cu.device != like.device:
+        raise ValueError(f"{name} must be on {like_name}'s device {like.device}, got {cu.device}")
 
 
 def cu_seqlens_lengths(cu: Tensor, name: str, rows: int, rows_what: str) -> Tensor:

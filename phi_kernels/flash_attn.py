@@ -63,6 +63,7 @@ from phi_kernels._backends import cpp_ops, resolve_backend
 from phi_kernels._op_args import OpArgs
 from phi_kernels._checks import FP32_MAX as _FP32_MAX
 from phi_kernels._checks import INT32_MAX as _INT32_MAX
+from phi_kernels._checks import check_cu_seqlens as _check_cu_seqlens
 from phi_kernels._checks import cu_seqlens_lengths as _cu_seqlens_lengths
 from phi_kernels._checks import is_int as _is_int
 from phi_kernels._checks import may_overlap as _may_overlap
@@ -144,12 +145,7 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, s
     longest = []
     for name, cu, total, mx_name, mx in (("cu_seqlens_q", cu_q, q.shape[0], "max_seqlen_q", max_q),
                                          ("cu_seqlens_k", cu_k, k.shape[0], "max_seqlen_k", max_k)):
-        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must be a 1-D int32 tensor (batch + 1,), got "
-                             f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}"
-                             f"{tuple(cu.shape) if isinstance(cu, Tensor) else ''}")
-        if cu.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+        _check_cu_seqlens(cu, name, q, "q")
         if not _is_int(mx) or not 0 <= mx <= _INT32_MAX:
             raise ValueError(f"{mx_name} must be an int in [0, 2**31 - 1], got {mx!r}")
     if cu_k.numel() != cu_q.numel():

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from phi_kernels._backends import cpp_ops, resolve_backend
 from phi_kernels._checks import INT32_MAX as _INT32_MAX
+from phi_kernels._checks import check_cu_seqlens as _check_cu_seqlens
 from phi_kernels._checks import cu_seqlens_lengths as _cu_seqlens_lengths
 from phi_kernels._checks import is_int as _is_int
 from phi_kernels._checks import may_overlap as _may_overlap
@@ -92,13 +93,7 @@ def _check_args(x, cos, sin, seqlen_offsets, cu_seqlens, max_seqlen, interleaved
     else:
         if x.dim() != 3:
             raise ValueError(f"with cu_seqlens, x must be (total_tokens, heads, head_dim), got shape {tuple(x.shape)}")
-        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
-                or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be a 1-D int32 tensor of shape (batch + 1,), got "
-                             f"{cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__}"
-                             f"{tuple(cu_seqlens.shape) if isinstance(cu_seqlens, Tensor) else ''}")
-        if cu_seqlens.device != x.device:
-            raise ValueError(f"cu_seqlens must be on x's device {x.device}, got {cu_seqlens.device}")
+        _check_cu_seqlens(cu_seqlens, "cu_seqlens", x, "x")
         if not _is_int(max_seqlen) or not 0 <= max_seqlen <= _INT32_MAX:
             raise ValueError(f"max_seqlen must be an int in [0, 2**31 - 1] with cu_seqlens, got {max_seqlen!r}")
         batch, seqlen = cu_seqlens.numel() - 1, max_seqlen
