@@ -11,6 +11,7 @@ inside a torch.compile'd function reads constants instead of tracing imports.
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -99,8 +100,17 @@ def cpu_capability_description() -> str:
     supported = ", ".join(CPU_CAPABILITIES)
     if torch.compiler.is_compiling():  # the active one is read at each call; not while tracing
         return f"this CPU supports {supported}"
-    try:
-        active = torch.ops.phi_kernels.cpu_capability()
-    except RuntimeError as e:  # PHI_KERNELS_CPU_CAPABILITY names something this CPU lacks
-        return f"{str(e).splitlines()[0]}; this CPU supports {supported}"
-    return f"{active}; this CPU supports {supported}"
+    # The active capability depends only on PHI_KERNELS_CPU_CAPABILITY (read by the C++ side at
+    # each call): remember the answer per value, as every backend choice asks for it.
+    forced = os.environ.get("PHI_KERNELS_CPU_CAPABILITY")
+    described = _DESCRIPTIONS.get(forced)
+    if described is None:
+        try:
+            active = torch.ops.phi_kernels.cpu_capability()
+        except RuntimeError as e:  # PHI_KERNELS_CPU_CAPABILITY names something this CPU lacks
+            active = str(e).splitlines()[0]
+        described = _DESCRIPTIONS[forced] = f"{active}; this CPU supports {supported}"
+    return described
+
+
+_DESCRIPTIONS: dict[str | None, str] = {}

@@ -1,7 +1,8 @@
 // Adam / AdamW, CPU kernel: every tensor of the list in one call, cut into chunks that an
 // OpenMP parallel loop balances across cores (a group of many small tensors parallelizes as
-// well as one big one). The inner loop is branch-free per element so it vectorizes (AVX2 at
-// -march=native); the math is adam.h's, shared with the CUDA kernel. No torch headers.
+// well as one big one). The inner loop is branch-free per element so it vectorizes (for the ISA
+// this file is compiled for: csrc/cpu_isa/); the math is adam.h's, shared with the CUDA kernel.
+// No torch headers.
 #include <algorithm>
 #include <vector>
 
@@ -45,7 +46,8 @@ void adam_cpu_typed(const Adam_tensor_lists& l, const Adam_hparams& h) {
   for (int t = 0; t < l.n_tensors; ++t)
     for (int64_t s = 0; s < l.numels[t]; s += kChunk) chunks.emplace_back(t, s);
   const int64_t n_chunks = int64_t(chunks.size());
-  #pragma omp parallel for schedule(static)
+  // One chunk stays on the calling thread: no team to fork and join for a small tensor.
+  #pragma omp parallel for schedule(static) if (n_chunks > 1)
   for (int64_t k = 0; k < n_chunks; ++k) {
     const int t = chunks[k].first;
     const int64_t s = chunks[k].second;
