@@ -73,13 +73,14 @@ def _records_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 # The backend choice for (device, backend=, PHI_KERNELS_BACKEND): "cpu" and "ref" depend on
 # nothing else (whether phi_kernels._C loaded is fixed at import), and a decoding step calls this
 # once per layer, where resolve_backend's status strings would cost as much as a small layer.
-# Refusals raise every time (they are not stored).
+# The environment is read only when backend= leaves the choice to it. Refusals raise every time
+# (they are not stored).
 _RESOLVED: dict[tuple, str] = {}
 _SUPPORTED = ("cpu", "ref")
 
 
 def _backend(device: torch.device, backend: str | None) -> str:
-    key = (device, backend, os.environ.get(ENV_VAR))
+    key = (device, backend, os.environ.get(ENV_VAR) if backend is None else None)
     name = _RESOLVED.get(key)
     if name is None:
         name = _RESOLVED[key] = resolve_backend("linear", device, backend, supported=_SUPPORTED)

@@ -61,11 +61,11 @@ def _ran_kernel(fn) -> tuple[torch.Tensor, bool]:
 
 # (rows, N, K): K = 1 and K off every vector width (4, 8, 16), N = 1 and N off every panel size
 # (8, 16, 24 rows), every row count from 1 to MAX_KERNEL_ROWS (tiles of 4, 2 and 1 row), and
-# two products big enough for the OpenMP team (>= 1M multiply-adds).
+# two products big enough for the OpenMP team (>= 4M multiply-adds).
 SHAPES = ([(1, 1, 1), (1, 5, 1), (3, 1, 7), (2, 33, 37), (1, 8192 // 64, 256), (4, 49, 300), (5, 24, 16),
            (7, 17, 129), (1, 1, 1000)]
           + [(m, 37, 45) for m in range(1, MAX_KERNEL_ROWS + 1)]
-          + [(1, 4100, 300), (16, 300, 260)])
+          + [(1, 4100, 1030), (16, 300, 1000)])
 
 
 @needs_kernel
@@ -93,7 +93,7 @@ def capability(request, monkeypatch):
 def test_every_cpu_capability(capability, dtype):
     """Each ISA's build (baseline SSE2, AVX2, AVX-512) on shapes that reach all its code paths:
     every tile height, block and panel tails, the K tail, the OpenMP team."""
-    for rows, n, k in [(1, 61, 77), (2, 25, 33), (3, 1, 1), (4, 49, 40), (7, 50, 17), (16, 31, 100), (1, 4100, 300)]:
+    for rows, n, k in [(1, 61, 77), (2, 25, 33), (3, 1, 1), (4, 49, 40), (7, 50, 17), (16, 31, 100), (1, 4100, 1030)]:
         x, w, b = _make(rows, n, k, dtype)
         _assert_rounding_close(linear(x, w, b, backend="cpu"), x, w, b)
 
@@ -204,15 +204,18 @@ def _bad_calls():
     return [
         ("x list", lambda: linear([1.0] * 8, w, b), "x must be a Tensor"),
         ("weight None", lambda: linear(x, None, b), "weight must be a Tensor"),
-        ("x float64", lambda: linear(x.double(), w.double()), "x must be float32, float16 or bfloat16, got torch.float64"),
+        ("x float64", lambda: linear(x.double(), w.double()),
+         "x must be float32, float16 or bfloat16, got torch.float64"),
         ("weight dtype", lambda: linear(x, w.half(), b), "weight must have x's dtype torch.float32, got torch.float16"),
         ("bias dtype", lambda: linear(x, w, b.bfloat16()), "bias must have x's dtype"),
         ("weight device", lambda: linear(x, w.to("meta"), b), "weight must be on x's device cpu, got meta"),
         ("bias device", lambda: linear(x, w, b.to("meta")), "bias must be on x's device cpu, got meta"),
-        ("weight 1-D", lambda: linear(x, w[0], b), r"weight must be 2-D \(out_features, in_features\), got shape \(8,\)"),
+        ("weight 1-D", lambda: linear(x, w[0], b),
+         r"weight must be 2-D \(out_features, in_features\), got shape \(8,\)"),
         ("x features", lambda: linear(x[:, :7], w, b), r"in_features = weight.shape\[1\] = 8, got shape \(2, 7\)"),
         ("x 0-D", lambda: linear(x[0, 0], w, b), r"got shape \(\)"),
-        ("weight transposed", lambda: linear(x, torch.randn(8, 4).t(), b), r"weight must be contiguous .* strides \(1, 4\)"),
+        ("weight transposed", lambda: linear(x, torch.randn(8, 4).t(), b),
+         r"weight must be contiguous .* strides \(1, 4\)"),
         ("bias shape", lambda: linear(x, w, b[:3]), r"bias must have shape \(out_features,\) = \(4,\), got \(3,\)"),
         ("bias list", lambda: linear(x, w, [0.0] * 4), "bias must be a Tensor or None"),
     ]

@@ -56,9 +56,12 @@ constexpr int block_rows() {
 }
 // Weight rows per panel: whole blocks for every tile height.
 constexpr int kPanelRows = std::lcm(std::lcm(block_rows<1>(), block_rows<2>()), block_rows<4>());
-// From this many multiply-adds a call uses the OpenMP team (1M: a 4 MiB fp32 weight for one
-// row; phi-1.5's 2048 x 2048 projections qualify, phi tiny's 256-wide ones do not).
-constexpr double kParallelMacs = double(1 << 20);
+// From this many multiply-adds a call uses the OpenMP team: 4M, a 16 MiB fp32 weight for one row
+// (phi-1.5's projections qualify, none of phi tiny's decoding shapes do, its 8 MiB lm_head
+// included). Measured on a 2-core AMD EPYC shared with other work: a 2-thread region whose
+// second thread gets descheduled waits ~8 ms for it, against ~150 us for that lm_head on one
+// thread (~75 us on two when both cores are free).
+constexpr double kParallelMacs = double(1 << 22);
 
 // One register of fp32, unaligned, allowed to alias anything (plain vector moves).
 typedef float VecN __attribute__((vector_size(4 * kVecFloats), aligned(4), may_alias));
@@ -85,7 +88,8 @@ inline VecN load_as_float(const T* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const U32N wide = reinterpret_cast<U32N>(_mm512_maskz_cvtepu16_epi32(__mmask16(0xffff), h));
 #elif PHI_LINEAR_VEC_FLOATS == 8
-    const U32N wide = reinterpret_cast<U32N>(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const U32N wide = reinterpret_cast<U32N>(_mm256_cvtepu16_epi32(h));
 #else
     const U32N wide = __builtin_convertvector(*reinterpret_cast<const U16N*>(p), U32N);
 #endif
