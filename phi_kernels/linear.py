@@ -102,11 +102,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: st
     name = _backend(x.device, backend)
     if name == "ref" or _records_grad(x, weight, bias) or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
-    k = weight.shape[1]
+    n, k = weight.shape
     rows = x.numel() // k if k else math.prod(x.shape[:-1])
     if rows > MAX_KERNEL_ROWS:
         return F.linear(x, weight, bias)
-    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    # (..., n). For a square weight that is x's shape, and empty_like skips parsing a shape
+    # tuple: 1 us instead of 2.5 us here, on a call whose kernel takes ~3 us (phi's q, k, v and
+    # dense projections are square).
+    out = (torch.empty_like(x, memory_format=torch.contiguous_format) if n == k
+           else x.new_empty((*x.shape[:-1], n)))
     # The op flattens x's leading dims (a view when it can) and copies a strided x or bias.
     torch.ops.phi_kernels.linear_out.default(x, weight, bias, out)
     return out
