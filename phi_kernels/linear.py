@@ -4,10 +4,11 @@ kernel for the case torch handles worst.
     y = linear(x, layer.weight, layer.bias)        # x (..., in_features) -> (..., out_features)
 
 Why: a decoding step multiplies one row (or one per sequence of a batch) by every weight
-matrix. torch's fp32 F.linear sends such a product to MKL's GEMM, which on AMD CPUs takes a
-slow path (2-4x slower than streaming the weight once), and the step spends most of its time
-there. The kernel (csrc/linear) is a register-blocked GEMV that reads each weight element once
-per call for all the rows, accumulating in fp32.
+matrix. torch's F.linear sends such a product to its GEMM (MKL for fp32), which on the AMD EPYC
+this was measured on took 1.3-1.9x the time of streaming the weight once at phi tiny's shapes
+with one row (more with 4 rows, and 2-5x in bf16 / fp16). The kernel (csrc/linear) is a
+register-blocked GEMV that reads each weight element once per call for all the rows,
+accumulating in fp32. (numbers: benchmarks/bench_linear.py)
 
 Backends (phi_kernels._backends.resolve_backend, supported "cpu" and "ref"):
     cpu   the C++ kernel when x has at most MAX_KERNEL_ROWS rows (the product of its leading
