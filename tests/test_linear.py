@@ -4,7 +4,9 @@ the F.linear fallback above), under every CPU capability this machine supports; 
 fallbacks (autograd, torch.compile, many rows, GPU tensors); bad input."""
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -96,6 +98,52 @@ def test_every_cpu_capability(capability, dtype):
     for rows, n, k in [(1, 61, 77), (2, 25, 33), (3, 1, 1), (4, 49, 40), (7, 50, 17), (16, 31, 100), (1, 4100, 1030)]:
         x, w, b = _make(rows, n, k, dtype)
         _assert_rounding_close(linear(x, w, b, backend="cpu"), x, w, b)
+
+
+GUARD_SCRIPT = textwrap.dedent(r"""
+    import ctypes, mmap, os, torch
+    import torch.nn.functional as F
+    import phi_kernels
+
+    PAGE = mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    keep = []
+
+    def guarded(t):  # a copy of t in its own mapping, its last byte the last before a PROT_NONE page
+        nbytes = t.numel() * t.element_size()
+        body = (nbytes + PAGE - 1) // PAGE * PAGE
+        mm = mmap.mmap(-1, body + 2 * PAGE)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        assert libc.mprotect(base, PAGE, 0) == 0 and libc.mprotect(base + PAGE + body, PAGE, 0) == 0
+        keep.append(mm)
+        out = torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=PAGE + body - nbytes).view(t.shape)
+        out.copy_(t)
+        return out
+
+    op = torch.ops.phi_kernels.linear_out.default
+    for cap in torch.ops.phi_kernels.cpu_capabilities():
+        os.environ["PHI_KERNELS_CPU_CAPABILITY"] = cap
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for rows, n, k in ((1, 1, 1), (3, 5, 7), (1, 9, 17), (4, 25, 33), (5, 13, 45), (16, 17, 129), (2, 40, 64)):
+                x, w, b = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
+                out = guarded(torch.zeros(rows, n, dtype=dtype))
+                op(guarded(x), guarded(w), guarded(b), out)
+                ref = F.linear(x.double(), w.double(), b.double())
+                assert torch.allclose(out.double(), ref, rtol=2e-2, atol=2e-2), (cap, dtype, rows, n, k)
+        print("checked", cap)
+""")
+
+
+@needs_kernel
+@pytest.mark.skipif(sys.platform != "linux", reason="mmap / mprotect guard pages")
+def test_no_access_past_the_tensors():
+    """Every tensor of a call ends exactly at a PROT_NONE page, over shapes whose K, N and row
+    tails end there, under every capability: a read or write one element too far is a
+    segmentation fault of the subprocess (which fails this test)."""
+    run = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
+    assert run.stdout.count("checked") == len(torch.ops.phi_kernels.cpu_capabilities())
 
 
 # ----------------------------------------------------------------------------- layouts
