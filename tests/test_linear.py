@@ -302,6 +302,15 @@ def test_cpp_op_checks_before_writing():
 
 
 @needs_kernel
+def test_cpp_op_any_row_count():
+    """The API sends at most MAX_KERNEL_ROWS rows to the op, but the op is correct for any count."""
+    x, w, b = _make((5, 8), 21, 19, torch.float32)  # 40 rows: ten tiles of 4
+    out = torch.empty(5, 8, 21)
+    torch.ops.phi_kernels.linear_out.default(x, w, b, out)
+    _assert_rounding_close(out, x, w, b)
+
+
+@needs_kernel
 def test_opcheck_cpp_op():
     x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     torch.library.opcheck(torch.ops.phi_kernels.linear_out.default, (x, w, b, torch.empty(3, 5)),
