@@ -49,6 +49,10 @@ inline void define_kernel_ops(torch::Library& m) {
       "float eps, float weight_decay, bool adam_w_mode, bool bias_correction, bool maximize, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
 
+  // Linear for a few rows (csrc/linear; CPU only): out (..., out_features) = x W^T + bias for x
+  // (..., in_features), weight (out_features, in_features) contiguous, bias (out_features,) or None.
+  m.def("linear_out(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
+
   // Flash attention (csrc/flash_attn): writes out and lse (fp32, (batch, heads, seqlen_q) or
   // (heads, total_q)).
   m.def("flash_attn_forward_out(Tensor q, Tensor k, Tensor v, " PHI_FLASH_ATTN_OPTIONS

@@ -20,6 +20,7 @@ from phi_kernels.flash_attn import (
     flash_attn_with_kvcache,
 )
 from phi_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from phi_kernels.linear import linear
 from phi_kernels.rotary import apply_rotary, apply_rotary_qkv, rotary_cos_sin
 
 _extension.load_error()  # load the compiled ops (phi_kernels._C, phi_kernels._simt) now, if they were built
@@ -34,6 +35,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
     "fused_linear_cross_entropy",
+    "linear",
     "available_backends",
     "backend_status",
     "apply_rotary",

@@ -1,4 +1,4 @@
-// The CPU kernels' entry points (rotary_cpu, adam_cpu, flash_fwd_cpu, flash_bwd_cpu): each calls
+// The CPU kernels' entry points (rotary_cpu, adam_cpu, flash_fwd_cpu, flash_bwd_cpu, linear_cpu): each calls
 // the version compiled for the active capability (isa.h). Also the ops that report it:
 //   phi_kernels::cpu_capability() -> str          the capability calls run with now
 //   phi_kernels::cpu_capabilities() -> str[]      what this CPU supports
@@ -10,6 +10,7 @@
 #include "adam/adam_launch.h"
 #include "cpu_isa/isa.h"
 #include "flash_attn/flash_launch.h"
+#include "linear/linear_launch.h"
 #include "rotary/rotary_launch.h"
 
 namespace phi {
@@ -22,6 +23,7 @@ PHI_DECLARE_ISA_VERSIONS(void, rotary_cpu, const Rotary_params&)
 PHI_DECLARE_ISA_VERSIONS(void, adam_cpu, const Adam_tensor_lists&, const Adam_hparams&)
 PHI_DECLARE_ISA_VERSIONS(void, flash_fwd_cpu, const Flash_params&)
 PHI_DECLARE_ISA_VERSIONS(void, flash_bwd_cpu, const Flash_params&)
+PHI_DECLARE_ISA_VERSIONS(void, linear_cpu, const Linear_params&)
 #undef PHI_DECLARE_ISA_VERSIONS
 
 const char* capability_name(Cpu_capability c) {
@@ -73,6 +75,7 @@ void rotary_cpu(const Rotary_params& p) { PHI_DISPATCH_ISA(rotary_cpu, p) }
 void adam_cpu(const Adam_tensor_lists& l, const Adam_hparams& h) { PHI_DISPATCH_ISA(adam_cpu, l, h) }
 void flash_fwd_cpu(const Flash_params& p) { PHI_DISPATCH_ISA(flash_fwd_cpu, p) }
 void flash_bwd_cpu(const Flash_params& p) { PHI_DISPATCH_ISA(flash_bwd_cpu, p) }
+void linear_cpu(const Linear_params& p) { PHI_DISPATCH_ISA(linear_cpu, p) }
 #undef PHI_DISPATCH_ISA
 
 namespace {
