@@ -1,15 +1,19 @@
 """Shared test setup.
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET
-must be set before triton is first imported, so it is set here, at collection time.
+must be set before triton is first imported, so it is set here, at collection time, for this
+process; child processes get subprocess_env(), without it.
 With a GPU, tests run on CUDA tensors and the Triton kernels are compiled for real.
 """
 import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Whether TRITON_INTERPRET was set here (not by the user): then it is for this process's Triton
+# tests only, and subprocess_env() leaves it out of child processes.
+_INTERPRET_SET_HERE = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+if _INTERPRET_SET_HERE:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
@@ -41,6 +45,18 @@ def kernel_backends(device: str = DEVICE) -> list:
 def kernel_backend(name: str, device: str = DEVICE):
     """One backend's pytest param from kernel_backends (skipped with the reason if unavailable)."""
     return next(p for p in kernel_backends(device) if p.values[0] == name)
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """The environment for a child process under test (a CLI, a script, torchrun): this one's,
+    without the TRITON_INTERPRET=1 set above. A child must run as a user's would: with the
+    interpreter switched on, a child that wrongly picked the Triton backend still ran correctly,
+    which is how a decoding bug once passed every test."""
+    env = dict(os.environ)
+    if _INTERPRET_SET_HERE:
+        env.pop("TRITON_INTERPRET", None)
+    env.update(overrides)
+    return env
 
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,6 +11,7 @@ import torch
 import phi_kernels
 from phi_kernels import BackendUnavailableError, _extension, available_backends, backend_status
 from phi_kernels._backends import resolve_backend
+from tests.conftest import subprocess_env
 
 
 def test_available_backends_reports_every_backend_with_a_reason():
@@ -100,7 +101,8 @@ def test_package_imports_without_the_extension():
         except BackendUnavailableError as e:
             print("ERR", e)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=subprocess_env())
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "simulated: extension not built" in out.stdout
     assert "pip install" in out.stdout
@@ -126,7 +128,8 @@ def test_package_imports_without_the_emulator():
         except BackendUnavailableError as e:
             print("ERR", e)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=subprocess_env())
     assert out.returncode == 0, out.stderr
     assert "STATUS cuda-emu no " in out.stdout
     assert "ERR" in out.stdout and "simulated: emulator not built" in out.stdout

@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from phi_train.config import TrainConfig, parse_args, validate
 from phi_train.data import TokenLoader, read_shard, write_shard
 from phi_train.prepare_data import main as prepare_main, prepare
+from tests.conftest import subprocess_env
 
 VOCAB = 64
 
@@ -552,7 +553,7 @@ def test_pretrain_script_refuses_a_bad_flag_before_starting(prepared, tmp_path):
     _, _, data = prepared
     before = _snapshot(data)
     out_dir = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = subprocess_env(PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, "train", "pretrain.py"), "--lr",
                            "nan", "--eps", "-1", "--data", str(data), "--out-dir", str(out_dir)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))

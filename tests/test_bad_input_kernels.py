@@ -23,7 +23,7 @@ from phi_kernels import (BackendUnavailableError, apply_rotary, apply_rotary_qkv
 from phi_kernels.flash_attn import FlashAttnArgs
 from phi_kernels.reference import apply_rotary_ref, flash_attn_ref
 from phi_kernels.rotary import RotaryArgs
-from tests.conftest import CUDA_KERNELS, DEVICE, kernel_backends
+from tests.conftest import CUDA_KERNELS, DEVICE, kernel_backends, subprocess_env
 
 ALL = kernel_backends() + ["ref"]
 # The C++ ops called directly, on CPU tensors: the CPU kernels, and the CUDA glue + kernels under
@@ -418,7 +418,8 @@ def test_attention_cpu_allocation_failure_is_an_error_not_an_abort(backend):
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-c", _ALLOC_FAILURE_SCRIPT], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", _ALLOC_FAILURE_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env=subprocess_env())
     assert res.returncode == 0, f"the process died (rc {res.returncode}): {res.stderr[-2000:]}"
     assert res.stdout.startswith(("MemoryError", "ran")), res.stdout + res.stderr[-2000:]
 

@@ -13,6 +13,7 @@ import pytest
 
 from phi_train.config import parse_args, validate
 from phi_train.dry_run import GiB, plan, render
+from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # phi-1.5: vocab V, width C, MLP F, L layers, seq T.
@@ -78,7 +79,7 @@ def test_dry_run_script_with_a_config_file(tmp_path):
     out_dir = tmp_path / "never-written"
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"model": "phi-1.5", "out_dir": str(out_dir)}))
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = subprocess_env(PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train", "pretrain.py"), "--dry-run", "--config", str(cfg),
                           "--world-size", "128"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
