@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from phi_kernels import BackendUnavailableError, backend_status, linear
 from phi_kernels.linear import MAX_KERNEL_ROWS
+from tests.conftest import subprocess_env
 
 _linear_module = sys.modules["phi_kernels.linear"]
 HAVE_CPU_KERNEL = backend_status("cpu", "cpu").available
@@ -141,7 +142,8 @@ def test_no_access_past_the_tensors():
     """Every tensor of a call ends exactly at a PROT_NONE page, over shapes whose K, N and row
     tails end there, under every capability: a read or write one element too far is a
     segmentation fault of the subprocess (which fails this test)."""
-    run = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", GUARD_SCRIPT], capture_output=True, text=True, timeout=300,
+                         env=subprocess_env())
     assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
     assert run.stdout.count("checked") == len(torch.ops.phi_kernels.cpu_capabilities())
 
