@@ -97,8 +97,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: st
     backend: "cpu" or "ref" (default: PHI_KERNELS_BACKEND, else "cpu" for CPU tensors when the
     extension is built, "ref" otherwise). "cpu" runs the C++ GEMV kernel (fp32 accumulation) for
     at most MAX_KERNEL_ROWS rows of x and F.linear beyond; autograd and torch.compile always get
-    F.linear (see the module docstring). Bad arguments raise ValueError naming the argument.
+    F.linear (see the module docstring); so does autocast (its mixed dtypes are F.linear's rules).
+    Bad arguments raise ValueError naming the argument.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)
     _check_args(x, weight, bias)
     name = _backend(x.device, backend)
     if name == "ref" or _records_grad(x, weight, bias) or torch.compiler.is_compiling():

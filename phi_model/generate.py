@@ -167,9 +167,8 @@ def _decode(model: PhiForCausalLM, prompts: list[list[int]], max_new_tokens: int
     # batch (up to the batch's rounding differences in the logits).
     gen = [torch.Generator(device=device).manual_seed(seed) for _ in prompts] if seed is not None else None
     last = torch.tensor(lens, device=device) - 1
-    rows = torch.arange(b, device=device)
     caches = model.new_caches(b, longest + max_new_tokens) if use_cache else None
-    logits = model(ids, caches=caches, cache_pos=0).logits[rows, last]
+    logits = model(ids, caches=caches, cache_pos=0, logits_at=last).logits[:, 0]
     # One int position when every row is alike (the plain attention path), else per-row positions.
     pos: int | Tensor = longest if len(set(lens)) == 1 else torch.tensor(lens, dtype=torch.int32, device=device)
     for step in range(max_new_tokens):

@@ -5,7 +5,6 @@ Module names match transformers' PhiForCausalLM, so Hugging Face state dicts loa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -84,15 +83,41 @@ def _check_attention_mask(mask, input_ids: Tensor, caches) -> Tensor:
     return mask.bool()
 
 
+def _check_logits_at(logits_at, input_ids: Tensor, labels) -> None:
+    b, t = input_ids.shape
+    if labels is not None:
+        raise ValueError("logits_at is for inference: with labels the loss needs every position's logits")
+    if not isinstance(logits_at, Tensor) or logits_at.dtype not in (torch.int64, torch.int32) \
+            or tuple(logits_at.shape) != (b,):
+        raise ValueError(f"logits_at must be an int64 or int32 tensor of shape (batch,) = ({b},), got "
+                         + (f"{logits_at.dtype} {tuple(logits_at.shape)}" if isinstance(logits_at, Tensor)
+                            else type(logits_at).__name__))
+    if logits_at.device != input_ids.device:
+        raise ValueError(f"logits_at must be on input_ids' device {input_ids.device}, got {logits_at.device}")
+    if logits_at.device.type == "cpu" and b and not torch.compiler.is_compiling() \
+            and (int(logits_at.min()) < 0 or int(logits_at.max()) >= t):
+        raise ValueError(f"logits_at must hold positions in [0, seqlen={t}), got values in "
+                         f"[{int(logits_at.min())}, {int(logits_at.max())}]")
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, state-dict names and module hooks) whose forward is
+    phi_kernels.linear: in inference with a few rows (a decoding step) that is a hand-written
+    CPU GEMV, which torch's fp32 addmm is not; otherwise F.linear, autograd included."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return phi_kernels.linear(x, self.weight, self.bias)
+
+
 class PhiAttention(nn.Module):
     def __init__(self, cfg: PhiConfig):
         super().__init__()
         self.cfg = cfg
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d)
-        self.k_proj = nn.Linear(cfg.hidden_size, kvh * d)
-        self.v_proj = nn.Linear(cfg.hidden_size, kvh * d)
-        self.dense = nn.Linear(h * d, cfg.hidden_size)
+        self.q_proj = Linear(cfg.hidden_size, h * d)
+        self.k_proj = Linear(cfg.hidden_size, kvh * d)
+        self.v_proj = Linear(cfg.hidden_size, kvh * d)
+        self.dense = Linear(h * d, cfg.hidden_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
                 cache: KVCache | None = None, cache_pos: int | Tensor = 0) -> Tensor:
@@ -124,8 +149,8 @@ class PhiAttention(nn.Module):
 class PhiMLP(nn.Module):
     def __init__(self, cfg: PhiConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -142,8 +167,10 @@ class PhiDecoderLayer(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens=None, max_seqlen=0, cache=None,
                 cache_pos=0) -> Tensor:
         h = self.input_layernorm(x)
-        attn = self.self_attn(h, cos, sin, cu_seqlens, max_seqlen, cache, cache_pos)
-        return x + self.resid_dropout(attn) + self.resid_dropout(self.mlp(h))
+        attn, mlp = self.self_attn(h, cos, sin, cu_seqlens, max_seqlen, cache, cache_pos), self.mlp(h)
+        if self.training:  # (an identity in eval: two module calls saved per layer and decoding step)
+            attn, mlp = self.resid_dropout(attn), self.resid_dropout(mlp)
+        return x + attn + mlp
 
 
 class PhiModel(nn.Module):
@@ -160,7 +187,7 @@ class PhiForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = PhiModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.gradient_checkpointing = False
         self._rope_cache: dict = {}
         self.apply(self._init_weights)
@@ -185,7 +212,7 @@ class PhiForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, *, attention_mask: Tensor | None = None,
                 eos_token_id: int | None = None, caches: list[KVCache] | None = None, cache_pos: int | Tensor = 0,
-                return_logits: bool = True) -> CausalLMOutput:
+                return_logits: bool = True, logits_at: Tensor | None = None) -> CausalLMOutput:
         """input_ids (B, T). labels like Hugging Face: aligned with input_ids, shifted here,
         -100 ignored. attention_mask (B, T) of 0/1 (bool or int): a padded batch, left or right
         (or anywhere): only the real tokens run, packed as variable-length sequences, each row's
@@ -197,7 +224,10 @@ class PhiForCausalLM(nn.Module):
         without attention_mask (generate handles padded prompts with per-row cache positions).
         return_logits=False (with labels): the loss is fused with lm_head
         (phi_kernels.fused_linear_cross_entropy) and the (B, T, vocab) logits are never
-        materialised; logits is None."""
+        materialised; logits is None.
+        logits_at: an integer tensor (B,) of positions: only the logits at input_ids[b,
+        logits_at[b]] are computed, shape (B, 1, vocab) (a prefill needs only each prompt's last
+        token's: the lm_head of the other positions would be wasted); not with labels."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a (batch, seqlen) tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
@@ -224,6 +254,8 @@ class PhiForCausalLM(nn.Module):
                                      f"{int(labels[bad][0])}")
         if attention_mask is not None:
             attention_mask = _check_attention_mask(attention_mask, input_ids, caches)
+        if logits_at is not None:
+            _check_logits_at(logits_at, input_ids, labels)
         if isinstance(cache_pos, Tensor):
             if caches is None:
                 raise ValueError("cache_pos as a tensor (per-row positions) needs caches")
@@ -266,6 +298,8 @@ class PhiForCausalLM(nn.Module):
             return CausalLMOutput(logits=None, loss=loss)
         if rows is not None:  # back to (B, T, C); padding positions hold 0
             x = x.new_zeros(b * t, x.shape[-1]).index_copy(0, rows, x[0]).view(b, t, -1)
+        if logits_at is not None:
+            x = x[torch.arange(b, device=x.device), logits_at.long()].unsqueeze(1)  # (B, 1, C)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if labels is not None:

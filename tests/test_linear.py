@@ -216,6 +216,17 @@ def test_autograd_gets_f_linears_gradients(backend, needs_grad):
         assert ran and not out.requires_grad
 
 
+def test_autocast_gets_f_linear():
+    """Under autocast x and weight may differ in dtype (autocast casts inside F.linear): the
+    call is F.linear's, result dtype included, instead of a dtype error."""
+    x, w0, w, b = torch.randn(2, 32), torch.randn(32, 32), torch.randn(8, 32), torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = F.linear(x, w0)  # bf16 under autocast; w stays fp32
+        got, want = linear(h, w, b), F.linear(h, w, b)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+
+
 def test_torch_compile_traces_f_linear():
     x, w, b = _make((2, 1), 9, 13, torch.float32)
     compiled = torch.compile(lambda x: linear(x, w, b) * 2, fullgraph=True, backend="eager")

@@ -11,6 +11,7 @@ import torch
 
 from phi_model import CheckpointError, PhiConfig, PhiForCausalLM
 from phi_model.generate import generate, sample_next
+from tests.conftest import subprocess_env
 
 transformers = pytest.importorskip("transformers")
 
@@ -201,6 +202,29 @@ def test_per_row_cache_positions_equal_separate_forwards():
             torch.testing.assert_close(batched[b:b + 1], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_logits_at_equals_full_logits_at_those_positions():
+    """logits_at (what generate's prefill asks for) gives the full forward's logits at each row's
+    position, with and without caches; bad values are refused by name before any compute."""
+    model = _tiny_model()
+    x = torch.randint(0, 97, (3, 9))
+    at = torch.tensor([8, 0, 4])
+    with torch.no_grad():
+        full = model(x).logits
+        picked = model(x, logits_at=at).logits
+        cached = model(x, caches=model.new_caches(3, 9), cache_pos=0, logits_at=at.int()).logits
+    assert picked.shape == (3, 1, full.shape[-1])
+    want = full[torch.arange(3), at].unsqueeze(1)
+    torch.testing.assert_close(picked, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, want, atol=1e-5, rtol=1e-5)
+    for bad, match in ((torch.tensor([9, 0, 0]), r"\[0, seqlen=9\)"), (torch.tensor([-1, 0, 0]), r"\[0, seqlen=9\)"),
+                       (torch.tensor([1, 2]), r"shape \(batch,\) = \(3,\)"),
+                       (torch.tensor([1.0, 2.0, 3.0]), "int64 or int32"), ([1, 2, 3], "got list")):
+        with pytest.raises(ValueError, match=match):
+            model(x, logits_at=bad)
+    with pytest.raises(ValueError, match="with labels"):
+        model(x, labels=x, logits_at=at)
+
+
 def test_generation_and_cache_bad_input():
     model = _tiny_model(layers=1)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
@@ -261,7 +285,8 @@ def test_generate_command_streams_from_a_checkpoint_dir(tmp_path):
     PhiForCausalLM(cfg).save_pretrained(str(tmp_path))
     tok.save(str(tmp_path / "tokenizer.json"))
     out = subprocess.run([sys.executable, "-m", "phi_model.generate", "--checkpoint", str(tmp_path), "--prompt",
-                          "def add(", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
+                          "def add(", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120,
+                         env=subprocess_env())
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def add(") and len(out.stdout) > len("def add(\n")
 
