@@ -52,6 +52,12 @@ for p in [*model.parameters(), *params]:
 scaler = torch.amp.GradScaler("cpu")
 scaler.scale(torch.ones((), requires_grad=True))  # the scaler's state, as after scaler.scale(loss)
 """,
+    "linear": """
+import torch
+import phi_kernels
+torch.manual_seed(0)
+layer, x = torch.nn.Linear(64, 32), torch.randn(1, 64)
+""",
     "phi_model": """
 import torch
 from phi_model import PhiConfig, PhiForCausalLM as _Phi
