@@ -46,8 +46,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_grads else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_grads else None
+        # d weight and d bias are set by the first chunk and accumulated by the others: no
+        # zero-filled (V, C) fp32 buffer (a pass over 420 MB for phi-1.5's lm_head, and a fresh
+        # allocation's page faults on the CPU, every step).
+        grad_weight = grad_bias = None
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]  # (n, C)
             t = safe_targets[start:start + chunk_rows, None]  # (n, 1)
@@ -69,8 +71,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_logits.scatter_add_(1, t, -row_weight[:, None])
             g = grad_logits.to(hidden.dtype)
             grad_hidden[start:start + chunk_rows] = g @ weight  # (n, C)
-            grad_weight.addmm_(g.t().float(), h.float())  # (V, C)
-            grad_bias += grad_logits.sum(0)
+            if grad_weight is None:
+                grad_weight, grad_bias = torch.mm(g.t().float(), h.float()), grad_logits.sum(0)  # (V, C), (V,)
+            else:
+                grad_weight.addmm_(g.t().float(), h.float())
+                grad_bias += grad_logits.sum(0)
+        if want_grads and grad_weight is None:  # no rows: zero gradients
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
         if want_grads:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype))
         ctx.has_bias = bias is not None

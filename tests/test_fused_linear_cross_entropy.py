@@ -38,6 +38,17 @@ def test_matches_reference_fp64(n, c, v, chunk, bias, reduction):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)  # both take fp32 logits
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_no_rows_gives_zero_loss_and_zero_gradients(bias):
+    """Zero rows (no chunk runs): loss 0 and zero gradients of the right shapes and dtypes."""
+    h, w, b, t = _inputs(0, 8, 5, torch.float32, bias)
+    loss = fused_linear_cross_entropy(h, w, b, t)
+    grads = _grads(loss, (h, w, b))
+    assert float(loss.detach()) == 0.0
+    for g, x in zip(grads, [x for x in (h, w, b) if x is not None]):
+        assert g.shape == x.shape and g.dtype == x.dtype and not g.any()
+
+
 def test_matches_reference_and_plain_cross_entropy_fp32():
     """fp32 against the reference, and the reference against F.cross_entropy's own mean."""
     h, w, b, t = _inputs(300, 64, 1000, torch.float32)
