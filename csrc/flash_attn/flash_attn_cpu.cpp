@@ -597,42 +597,82 @@ struct Bwd_scratch {
   size_t floats;
 };
 
-// Head h's queries, output gradients, D and LSE, and a zero dQ.
+// Head h's queries, output gradients, D and LSE, and a zero dQ. Returns whether Q, dO and D
+// are all finite.
 template <typename T>
-void load_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp, int sq_p, const Bwd_scratch& w) {
+bool load_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp, int sq_p, const Bwd_scratch& w) {
   const int d = p.head_dim, sq = seq.seqlen_q;
   const T* q = static_cast<const T*>(p.q) + seq.q_offset(p, b, h, 0, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
   const T* dout = static_cast<const T*>(p.dout) + seq.q_offset(p, b, h, 0, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride);
   const T* out = static_cast<const T*>(p.out) + seq.q_offset(p, b, h, 0, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
-  load_tile(q, p.q_row_stride, sq, d, w.q, dp, sq_p);
-  load_tile(dout, p.dout_row_stride, sq, d, w.dout, dp, sq_p);
+  bool finite = load_tile<T, true>(q, p.q_row_stride, sq, d, w.q, dp, sq_p);
+  finite &= load_tile<T, true>(dout, p.dout_row_stride, sq, d, w.dout, dp, sq_p);
   transpose(w.q, sq_p, dp, w.q_t);
   transpose(w.dout, sq_p, dp, w.dout_t);
+  float nonfinite = 0.f;
   for (int i = 0; i < sq_p; ++i) {  // D_i = rowsum(dO * O), the softmax backward's correction
     w.d_rows[i] = i < sq ? row_dot(w.dout + size_t(i) * dp, out + i * p.out_row_stride, d) : 0.f;
+    nonfinite += w.d_rows[i] * 0.f;
     w.lse[i] = i < sq ? p.lse[seq.lse_index(p, b, h, i)] : flash::kInf;
     w.hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(i));
   }
   std::fill(w.dq, w.dq + size_t(sq_p) * dp, 0.f);
+  return finite && nonfinite == 0.f;
 }
 
-// From S^T (raw scores) and dP^T of keys [c0, c0 + n) x queries [m0, m0 + kBlockM): P^T
-// (dropped out) into p_t and dS^T (scaled, through softcap) into s, by flash_math.h's
-// prob_from_lse, softmax_grad and softcap_grad.
-void score_grads(const Flash_params& p, const flash::Mask& mask, int sq, int c0, int n, int m0, const Bwd_scratch& w) {
+// Where the mask cuts the pair (keys [c0, c0 + n), queries [m0, m0 + kBlockM)): for key j the
+// queries (relative to m0) that see it, for query i the keys (relative to c0) it sees; padding
+// queries (>= seqlen_q) see nothing. A `whole` pair (every key seen by every query, most pairs
+// of a long sequence) carries no ranges, and its products run unbanded. A cut pair's products
+// are `banded` (tile_gemm skips what the mask hides: about 40% of a causal diagonal pair) when
+// its inputs are finite; otherwise they run whole as the reference's do, so that a NaN / inf
+// reaches the same gradients through 0 * NaN at masked entries (tests/test_bad_input_kernels.py).
+struct Tile_cut {
+  bool whole, banded;
+  int key_begin[kBlockN], key_end[kBlockN];
+  int query_begin[kBlockM], query_end[kBlockM];
+
+  Tile_cut(const flash::Mask& mask, int sq, int c0, int n, int m0, bool finite)
+      : whole(mask.tile_all_visible(m0, m0 + kBlockM, c0, c0 + n)), banded(!whole && finite) {
+    if (whole) return;
+    const int m = std::min(kBlockM, sq - m0);
+    for (int j = 0; j < n; ++j) seeing_rows(mask, c0 + j, m0, m, &key_begin[j], &key_end[j]);
+    if (!banded) return;
+    for (int i = 0; i < kBlockM; ++i) {
+      int begin = 0, end = 0;
+      if (i < m) mask.key_range(m0 + i, m0 + i + 1, &begin, &end);
+      query_begin[i] = std::clamp(begin - c0, 0, n);
+      query_end[i] = std::clamp(end - c0, 0, n);
+    }
+  }
+  // Band pointers for tile_gemm: null (no band) unless banded.
+  const int* keys_begin() const { return banded ? key_begin : nullptr; }
+  const int* keys_end() const { return banded ? key_end : nullptr; }
+  const int* queries_begin() const { return banded ? query_begin : nullptr; }
+  const int* queries_end() const { return banded ? query_end : nullptr; }
+};
+
+// From S^T (raw scores) and dP^T of the pair: P^T (dropped out) into p_t and dS^T (scaled,
+// through softcap) into s, by flash_math.h's prob_from_lse, softmax_grad and softcap_grad.
+// Masked entries get P = 0; in a banded pair (finite inputs) also dS = 0 without reading them
+// (S^T and dP^T were computed only where the band needs them).
+void score_grads(const Flash_params& p, const Tile_cut& cut, int c0, int n, int m0, const Bwd_scratch& w) {
   constexpr int M = kBlockM;
   if (p.softcap == 0.f && !p.dropout.enabled()) {  // the common case, a register of queries at a time
-    const bool whole = mask.tile_all_visible(m0, m0 + M, c0, c0 + n);
     for (int j = 0; j < n; ++j) {
       float* sj = w.s + j * M;
       float* pj = w.p_t + j * M;
       const float* dpj = w.dp_t + j * M;
-      int ib = 0, ie = M;
-      if (!whole) seeing_rows(mask, c0 + j, m0, std::min(M, sq - m0), &ib, &ie);
+      const int ib = cut.whole ? 0 : cut.key_begin[j], ie = cut.whole ? M : cut.key_end[j];
       for (int i = 0; i < M; i += kVecFloats) {
+        if (cut.banded && (i + kVecFloats <= ib || i >= ie)) {  // no query of this register sees key j
+          store_vec(pj + i, VecN{});
+          store_vec(sj + i, VecN{});
+          continue;
+        }
         const VecN l = load_vec(w.lse + m0 + i), x = load_vec(sj + i) * p.scale;
         VecN prob = l != flash::kInf ? exp2_nonpositive((x - l) * flash::kLog2e) : VecN{};
-        if (!whole) prob = keep_lanes(prob, i, ib, ie, VecN{});
+        if (!cut.whole) prob = keep_lanes(prob, i, ib, ie, VecN{});
         store_vec(pj + i, prob);
         store_vec(sj + i, prob * (load_vec(dpj + i) - load_vec(w.d_rows + m0 + i)) * p.scale);
       }
@@ -643,9 +683,12 @@ void score_grads(const Flash_params& p, const flash::Mask& mask, int sq, int c0,
     float* sj = w.s + j * M;
     float* pj = w.p_t + j * M;
     const float* dpj = w.dp_t + j * M;
-    int ib, ie;
-    seeing_rows(mask, c0 + j, m0, std::min(M, sq - m0), &ib, &ie);
+    const int ib = cut.whole ? 0 : cut.key_begin[j], ie = cut.whole ? M : cut.key_end[j];
     for (int i = 0; i < M; ++i) {
+      if (cut.banded && (i < ib || i >= ie)) {
+        pj[i] = sj[i] = 0.f;
+        continue;
+      }
       const float capped = flash::apply_softcap(sj[i] * p.scale, p.softcap);
       const float l = w.lse[m0 + i];
       const bool on = i >= ib && i < ie && l != flash::kInf;
@@ -662,14 +705,19 @@ void score_grads(const Flash_params& p, const flash::Mask& mask, int sq, int c0,
   }
 }
 
-// dV += P^T dO, dK += dS^T Q (keys [c0, c0 + n)), dQ += dS K (queries [m0, m0 + m)).
-void accumulate_grads(int dp, int c0, int n, int m0, int m, const Bwd_scratch& w) {
+// dV += P^T dO, dK += dS^T Q (keys [c0, c0 + n)), dQ += dS K (queries [m0, m0 + m)); in a cut
+// banded pair each key row sums only the queries that see it, each query row only the keys it sees.
+void accumulate_grads(int dp, int c0, int n, int m0, int m, const Tile_cut& cut, const Bwd_scratch& w) {
   constexpr int M = kBlockM;
   float* dk = w.dk + size_t(c0) * dp;
   float* dv = w.dv + size_t(c0) * dp;
-  tile_gemm<C_init::kAdd>({w.p_t, M, 1, w.dout + size_t(m0) * dp, dp, dv, dp, m, nullptr}, n, dp);
-  tile_gemm<C_init::kAdd>({w.s, M, 1, w.q + size_t(m0) * dp, dp, dk, dp, m, nullptr}, n, dp);
-  tile_gemm<C_init::kAdd>({w.s, 1, M, w.k, dp, w.dq + size_t(m0) * dp, dp, n, nullptr}, m, dp);
+  constexpr Band kDepth = Band::kDepth;
+  tile_gemm<C_init::kAdd, kDepth>(
+      {w.p_t, M, 1, w.dout + size_t(m0) * dp, dp, dv, dp, m, nullptr, cut.keys_begin(), cut.keys_end()}, n, dp);
+  tile_gemm<C_init::kAdd, kDepth>(
+      {w.s, M, 1, w.q + size_t(m0) * dp, dp, dk, dp, m, nullptr, cut.keys_begin(), cut.keys_end()}, n, dp);
+  tile_gemm<C_init::kAdd, kDepth>(
+      {w.s, 1, M, w.k, dp, w.dq + size_t(m0) * dp, dp, n, nullptr, cut.queries_begin(), cut.queries_end()}, m, dp);
 }
 
 template <typename T>
@@ -677,27 +725,32 @@ void backward_head(const Flash_params& p, int b, int h, const Flash_seq& seq, in
   constexpr int M = kBlockM, N = kBlockN;
   const int d = p.head_dim, kvh = p.kv_head(h), sq = seq.seqlen_q, sk = seq.seqlen_k;
   const flash::Mask mask = seq.mask(p);
-  load_head<T>(p, b, h, seq, dp, sq_p, w);
+  const bool head_finite = load_head<T>(p, b, h, seq, dp, sq_p, w);
   for (int c0 = 0; c0 < sk; c0 += N) {
     const int n = std::min(N, sk - c0);
     int r_begin, r_end;
     mask.row_range(c0, c0 + n, &r_begin, &r_end);
     if (r_begin >= r_end) continue;
-    load_tile(static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
-              p.k_row_stride, n, d, w.k, dp, n);
-    load_tile(static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
-              p.v_row_stride, n, d, w.v, dp, n);
+    bool finite = head_finite;
+    finite &= load_tile<T, true>(
+        static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
+        p.k_row_stride, n, d, w.k, dp, n);
+    finite &= load_tile<T, true>(
+        static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
+        p.v_row_stride, n, d, w.v, dp, n);
     for (int m0 = r_begin / M * M; m0 < r_end; m0 += M) {
-      tile_gemm<C_init::kZero>({w.k, dp, 1, w.q_t + m0, sq_p, w.s, M, dp, nullptr}, n, M);         // S^T = K Q^T
-      tile_gemm<C_init::kZero>({w.v, dp, 1, w.dout_t + m0, sq_p, w.dp_t, M, dp, nullptr}, n, M);  // dP^T = V dO^T
-      score_grads(p, mask, sq, c0, n, m0, w);
-      accumulate_grads(dp, c0, n, m0, std::min(M, sq - m0), w);
+      const Tile_cut cut(mask, sq, c0, n, m0, finite);
+      constexpr Band kColumns = Band::kColumns;  // a banded pair computes the scores its keys' queries need
+      tile_gemm<C_init::kZero, kColumns>(  // S^T = K Q^T
+          {w.k, dp, 1, w.q_t + m0, sq_p, w.s, M, dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, M);
+      tile_gemm<C_init::kZero, kColumns>(  // dP^T = V dO^T
+          {w.v, dp, 1, w.dout_t + m0, sq_p, w.dp_t, M, dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, M);
+      score_grads(p, cut, c0, n, m0, w);
+      accumulate_grads(dp, c0, n, m0, std::min(M, sq - m0), cut, w);
     }
   }
   T* dq = static_cast<T*>(p.dq) + seq.q_offset(p, b, h, 0, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
-  for (int i = 0; i < sq; ++i) {
-    for (int c = 0; c < d; ++c) dq[i * p.dq_row_stride + c] = from_float<T>(w.dq[i * dp + c]);
-  }
+  store_tile(w.dq, dp, sq, d, dq, p.dq_row_stride);
 }
 
 template <typename T>
@@ -708,32 +761,23 @@ void backward_typed(const Flash_params& p) {
   const int max_q = round_up(std::max(p.seqlen_q, 1), kBlockM), max_k = round_up(std::max(p.seqlen_k, 1), kBlockN);
   const size_t scratch_floats = Bwd_scratch(Carver(nullptr), dp, max_q, max_k).floats;
   Region_errors errors;
-  #pragma omp parallel if (macs > kParallelMacs)
-  {
-    std::vector<float> buffer;
-    // Every thread reaches the worksharing loop below, even when its buffer failed.
-    const bool allocated = errors.run([&] { buffer.resize(scratch_floats); });
-    #pragma omp for collapse(2) schedule(dynamic)
-    for (int b = 0; b < p.batch; ++b) {
-      for (int kvh = 0; kvh < p.kv_heads; ++kvh) {
-        if (!allocated) continue;
-        errors.run([&] {
-          const Flash_seq seq = Flash_seq::of(p, b);
-          const int sq_p = round_up(std::max(seq.seqlen_q, 1), kBlockM), sk = seq.seqlen_k;
-          const Bwd_scratch w(Carver(buffer.data()), dp, sq_p, round_up(std::max(sk, 1), kBlockN));
-          std::fill(w.dk, w.dk + size_t(sk) * dp, 0.f);
-          std::fill(w.dv, w.dv + size_t(sk) * dp, 0.f);
-          for (int h = kvh * group; h < (kvh + 1) * group; ++h) backward_head<T>(p, b, h, seq, dp, sq_p, w);
-          T* dk = static_cast<T*>(p.dk) + seq.k_offset(p, b, kvh, 0, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
-          T* dv = static_cast<T*>(p.dv) + seq.k_offset(p, b, kvh, 0, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
-          for (int j = 0; j < sk; ++j) {
-            for (int c = 0; c < d; ++c) {
-              dk[j * p.dk_row_stride + c] = from_float<T>(w.dk[j * dp + c]);
-              dv[j * p.dv_row_stride + c] = from_float<T>(w.dv[j * dp + c]);
-            }
-          }
-        });
-      }
+  #pragma omp parallel for collapse(2) schedule(dynamic) if (macs > kParallelMacs)
+  for (int b = 0; b < p.batch; ++b) {
+    for (int kvh = 0; kvh < p.kv_heads; ++kvh) {
+      errors.run([&] {
+        const Flash_seq seq = Flash_seq::of(p, b);
+        const int sq_p = round_up(std::max(seq.seqlen_q, 1), kBlockM), sk = seq.seqlen_k;
+        // The thread's scratch persists across calls (allocating it per call cost page faults
+        // and a zeroing pass every backward).
+        const Bwd_scratch w(Carver(thread_scratch(scratch_floats)), dp, sq_p, round_up(std::max(sk, 1), kBlockN));
+        std::fill(w.dk, w.dk + size_t(sk) * dp, 0.f);
+        std::fill(w.dv, w.dv + size_t(sk) * dp, 0.f);
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h) backward_head<T>(p, b, h, seq, dp, sq_p, w);
+        T* dk = static_cast<T*>(p.dk) + seq.k_offset(p, b, kvh, 0, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+        T* dv = static_cast<T*>(p.dv) + seq.k_offset(p, b, kvh, 0, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+        store_tile(w.dk, dp, sk, d, dk, p.dk_row_stride);
+        store_tile(w.dv, dp, sk, d, dv, p.dv_row_stride);
+      });
     }
   }
   errors.rethrow();

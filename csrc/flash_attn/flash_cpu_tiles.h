@@ -114,8 +114,17 @@ inline float exp2_nonpositive(float x) { return exp2_nonpositive(splat(x))[0]; }
 // (broadcast), so it may be stored transposed at no cost; B and C rows are read as vectors.
 // init: kZero C = AB; kAdd C += AB; kScaleRows C = row_scale[r] * C + AB (the online softmax's
 // rescale of the output, done while the block is in registers).
+//
+// A band (a tile that the attention mask cuts diagonally) gives each row r of C a range
+// [band_begin[r], band_end[r]) (empty when begin >= end) and lets a register block skip what
+// lies outside its rows' ranges: kColumns, C's row r is needed in those columns only (blocks
+// of kGemmCols columns that no row of the block needs are left unwritten); kDepth, A(r, k) is
+// zero outside that k range (the block's k loop covers the union of its rows' ranges, which
+// leaves C exactly as the full product would, finite B assumed). On the diagonal tile of a causal
+// mask either skips about 40% of the multiply-adds.
 
 enum class C_init { kZero, kAdd, kScaleRows };
+enum class Band { kNone, kColumns, kDepth };
 
 struct Tile_operands {
   const float* a;
@@ -125,12 +134,14 @@ struct Tile_operands {
   float* c;
   int ldc;
   int depth;
-  const float* row_scale;  // kScaleRows only
+  const float* row_scale;           // kScaleRows only
+  const int* band_begin = nullptr;  // per row of C, Band::kColumns / kDepth only (null: no band)
+  const int* band_end = nullptr;
 };
 
-// One R x kGemmCols block of C at (r0, c0), its accumulators in registers.
+// One R x kGemmCols block of C at (r0, c0), its accumulators in registers, over k in [k0, k1).
 template <int R, C_init kInit>
-inline void gemm_block(const Tile_operands& t, int r0, int c0) {
+inline void gemm_block(const Tile_operands& t, int r0, int c0, int k0, int k1) {
   VecN acc[R][kGemmVecs];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < kGemmVecs; ++v) {
@@ -144,9 +155,9 @@ inline void gemm_block(const Tile_operands& t, int r0, int c0) {
   // is then one base + index * 4 load (int indices cost a sign extension and an add per
   // broadcast and ran out of integer registers).
   const ptrdiff_t a_row = t.a_row, a_col = t.a_col, ldb = t.ldb;
-  const float* __restrict__ ak = t.a + r0 * a_row;
-  const float* __restrict__ bk = t.b + c0;
-  for (int k = 0; k < t.depth; ++k, ak += a_col, bk += ldb) {
+  const float* __restrict__ ak = t.a + r0 * a_row + k0 * a_col;
+  const float* __restrict__ bk = t.b + c0 + k0 * ldb;
+  for (int k = k0; k < k1; ++k, ak += a_col, bk += ldb) {
     VecN bv[kGemmVecs];
     for (int v = 0; v < kGemmVecs; ++v) bv[v] = load_vec(bk + kVecFloats * v);
     for (int r = 0; r < R; ++r) {
@@ -161,19 +172,49 @@ inline void gemm_block(const Tile_operands& t, int r0, int c0) {
 
 // The last rows % kGemmRows rows: a smaller block of exactly that many rows.
 template <C_init kInit, int R = kGemmRows - 1>
-inline void gemm_tail(const Tile_operands& t, int r0, int c0, int rest) {
+inline void gemm_tail(const Tile_operands& t, int r0, int c0, int rest, int k0, int k1) {
   if constexpr (R > 0) {
-    if (rest == R) return gemm_block<R, kInit>(t, r0, c0);
-    gemm_tail<kInit, R - 1>(t, r0, c0, rest);
+    if (rest == R) return gemm_block<R, kInit>(t, r0, c0, k0, k1);
+    gemm_tail<kInit, R - 1>(t, r0, c0, rest, k0, k1);
   }
 }
 
-template <C_init kInit>
+// The union of the band ranges of rows [r0, r1) as [*lo, *hi) (*lo >= *hi when all are empty).
+inline void band_union(const Tile_operands& t, int r0, int r1, int* lo, int* hi) {
+  *lo = 1 << 30;
+  *hi = 0;
+  for (int r = r0; r < r1; ++r) {
+    if (t.band_begin[r] >= t.band_end[r]) continue;
+    *lo = std::min(*lo, t.band_begin[r]);
+    *hi = std::max(*hi, t.band_end[r]);
+  }
+}
+
+// Rows [r0, r0 + n) (n <= kGemmRows) of column block c0, within the band.
+template <C_init kInit, Band kBand>
+inline void gemm_rows(const Tile_operands& t, int r0, int n, int c0) {
+  int k0 = 0, k1 = t.depth;
+  if constexpr (kBand != Band::kNone) {
+    int lo, hi;
+    band_union(t, r0, r0 + n, &lo, &hi);
+    if constexpr (kBand == Band::kColumns) {
+      if (std::max(lo, c0) >= std::min(hi, c0 + kGemmCols)) return;
+    } else {
+      k0 = std::min(lo, t.depth);
+      k1 = std::max(k0, std::min(hi, t.depth));
+    }
+  }
+  if (n == kGemmRows) return gemm_block<kGemmRows, kInit>(t, r0, c0, k0, k1);
+  gemm_tail<kInit>(t, r0, c0, n, k0, k1);
+}
+
+template <C_init kInit, Band kBand = Band::kNone>
 void tile_gemm(const Tile_operands& t, int rows, int cols) {
+  if constexpr (kBand != Band::kNone) {
+    if (t.band_begin == nullptr) return tile_gemm<kInit>(t, rows, cols);  // no band given: the whole product
+  }
   for (int c0 = 0; c0 < cols; c0 += kGemmCols) {
-    int r0 = 0;
-    for (; r0 + kGemmRows <= rows; r0 += kGemmRows) gemm_block<kGemmRows, kInit>(t, r0, c0);
-    gemm_tail<kInit>(t, r0, c0, rows - r0);
+    for (int r0 = 0; r0 < rows; r0 += kGemmRows) gemm_rows<kInit, kBand>(t, r0, std::min(kGemmRows, rows - r0), c0);
   }
 }
 
@@ -203,6 +244,19 @@ bool load_tile(const T* __restrict__ src, int64_t stride, int rows, int d, float
   }
   std::fill(dst + rows * pitch, dst + padded_rows * pitch, 0.f);
   return nonfinite == 0.f;
+}
+
+// The first d columns of `rows` rows of an fp32 tile (row pitch `pitch`) into rows of T with
+// row stride `stride` (the kernels' dq / dk / dv). Vectorized: the output never aliases the
+// scratch tile (as a scalar loop this copy was a tenth of the backward at seqlen 128).
+template <typename T>
+void store_tile(const float* __restrict__ src, int pitch, int rows, int d, T* __restrict__ dst, int64_t stride) {
+  for (int r = 0; r < rows; ++r) {
+    const float* __restrict__ s = src + r * pitch;
+    T* __restrict__ o = dst + r * stride;
+    #pragma omp simd
+    for (int c = 0; c < d; ++c) o[c] = from_float<T>(s[c]);
+  }
 }
 
 // dst[c * rows + r] = src[r * pitch + c] for c < pitch: a padded tile transposed, 16 rows at
