@@ -117,6 +117,40 @@ inline VecN keep_lanes(VecN x, int i, int begin, int end, VecN other) {
   return (idx >= begin) & (idx < end) ? x : other;
 }
 
+// Where the mask cuts a pair of tiles (keys [c0, c0 + n), queries [m0, m0 + kBlockM)): for key
+// j the queries (relative to m0) that see it, for query i the keys (relative to c0) it sees;
+// padding queries (>= seqlen_q) see nothing. A `whole` pair (every key seen by every query, most
+// pairs of a long sequence) carries no ranges, and its products run unbanded. A cut pair's
+// products are `banded` (tile_gemm skips what the mask hides: about 40% of a causal diagonal
+// pair) when `finite`. The forward always bands (a masked score is replaced by -inf whatever
+// the product gave); the backward only when its inputs are finite, otherwise its products run
+// whole as the reference's do, so that a NaN / inf reaches the same gradients through 0 * NaN
+// at masked entries (tests/test_bad_input_kernels.py).
+struct Tile_cut {
+  bool whole, banded;
+  int key_begin[kBlockN], key_end[kBlockN];
+  int query_begin[kBlockM], query_end[kBlockM];
+
+  Tile_cut(const flash::Mask& mask, int sq, int c0, int n, int m0, bool finite)
+      : whole(mask.tile_all_visible(m0, m0 + kBlockM, c0, c0 + n)), banded(!whole && finite) {
+    if (whole) return;
+    const int m = std::min(kBlockM, sq - m0);
+    for (int j = 0; j < n; ++j) seeing_rows(mask, c0 + j, m0, m, &key_begin[j], &key_end[j]);
+    if (!banded) return;
+    for (int i = 0; i < kBlockM; ++i) {
+      int begin = 0, end = 0;
+      if (i < m) mask.key_range(m0 + i, m0 + i + 1, &begin, &end);
+      query_begin[i] = std::clamp(begin - c0, 0, n);
+      query_end[i] = std::clamp(end - c0, 0, n);
+    }
+  }
+  // Band pointers for tile_gemm: null (no band) unless banded.
+  const int* keys_begin() const { return banded ? key_begin : nullptr; }
+  const int* keys_end() const { return banded ? key_end : nullptr; }
+  const int* queries_begin() const { return banded ? query_begin : nullptr; }
+  const int* queries_end() const { return banded ? query_end : nullptr; }
+};
+
 // ============================================================================= forward
 
 // A forward task's working set: one block of query rows against key tiles of kBlockN.
@@ -187,19 +221,23 @@ void start_block(const Flash_params& p, const Query_block& qb, const Fwd_scratch
 
 // S^T = K Q^T for keys [c0, c0 + n), turned into scaled, capped, masked scores in log2 units
 // (-inf where a query cannot see the key, or is padding), and each query's max over the tile.
-void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, const float* k, const Fwd_scratch& w) {
+// In a cut tile, registers of queries that cannot see a key are set to -inf unread (the banded
+// product left them unwritten).
+void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, const float* k, const Tile_cut& cut,
+                 const Fwd_scratch& w) {
   const int cols = qb.cols;
-  tile_gemm<C_init::kZero>({k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr}, n, cols);
-  const bool whole = qb.rows == cols && qb.mask.tile_all_visible(qb.r0, qb.r0 + qb.rows, c0, c0 + n);
-  int seen_begin[kBlockN], seen_end[kBlockN];
-  if (!whole) {
-    for (int j = 0; j < n; ++j) seeing_rows(qb.mask, c0 + j, qb.r0, qb.rows, &seen_begin[j], &seen_end[j]);
-  }
+  tile_gemm<C_init::kZero, Band::kColumns>(
+      {k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, cols);
+  const bool whole = cut.whole;
   const VecN neg_inf = splat(-flash::kInf);
   for (int i = 0; i < cols; i += kVecFloats) {
     VecN tmax = neg_inf;
     for (int j = 0; j < n; ++j) {
       float* sij = w.s + j * cols + i;
+      if (!whole && (i + kVecFloats <= cut.key_begin[j] || i >= cut.key_end[j])) {
+        store_vec(sij, neg_inf);
+        continue;
+      }
       VecN x = load_vec(sij);
       if (p.softcap > 0) {
         for (int l = 0; l < kVecFloats; ++l) x[l] = flash::apply_softcap(x[l] * p.scale, p.softcap);
@@ -207,7 +245,7 @@ void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, co
         x = x * p.scale;
       }
       x = x * flash::kLog2e;
-      if (!whole) x = keep_lanes(x, i, seen_begin[j], seen_end[j], neg_inf);
+      if (!whole) x = keep_lanes(x, i, cut.key_begin[j], cut.key_end[j], neg_inf);
       store_vec(sij, x);
       tmax = x > tmax ? x : tmax;  // a NaN score does not move the max (flash_math.h)
     }
@@ -251,11 +289,13 @@ void tile_probs(const Flash_params& p, const Query_block& qb, int c0, int n, con
   }
 }
 
-// O = diag(factor) O + P V over the tile's n keys.
-void accumulate_output(const Query_block& qb, int c0, int n, const float* v, bool v_finite, const Fwd_scratch& w) {
+// O = diag(factor) O + P V over the tile's n keys (in a cut tile, each query's visible keys).
+void accumulate_output(const Query_block& qb, int c0, int n, const float* v, bool v_finite, const Tile_cut& cut,
+                       const Fwd_scratch& w) {
   const int dp = qb.dp;
   if (v_finite) {
-    tile_gemm<C_init::kScaleRows>({w.s, 1, qb.cols, v, dp, w.o, dp, n, w.factor}, qb.rows, dp);
+    tile_gemm<C_init::kScaleRows, Band::kDepth>(
+        {w.s, 1, qb.cols, v, dp, w.o, dp, n, w.factor, cut.queries_begin(), cut.queries_end()}, qb.rows, dp);
     return;
   }
   // A NaN / inf in V: masked keys have P = 0, but 0 * NaN is NaN, so the product would carry
@@ -323,10 +363,11 @@ void forward_tiles(const Flash_params& p, const Query_block& qb, const Fwd_scrat
       load_tile(k_row_ptr<T>(p, qb, c0), p.k_row_stride, n, qb.d, w.k, qb.dp, n);
       v_finite = load_tile<T, true>(v_row_ptr<T>(p, qb, c0), p.v_row_stride, n, qb.d, w.v, qb.dp, n);
     }
-    tile_scores(p, qb, c0, n, k, w);
+    const Tile_cut cut(qb.mask, qb.seq.seqlen_q, c0, n, qb.r0, true);
+    tile_scores(p, qb, c0, n, k, cut, w);
     rescale_running(qb, w);
     tile_probs(p, qb, c0, n, w);
-    accumulate_output(qb, c0, n, v, v_finite, w);
+    accumulate_output(qb, c0, n, v, v_finite, cut, w);
   }
   finalize_rows<T>(p, qb, w);
 }
@@ -619,38 +660,6 @@ bool load_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp
   std::fill(w.dq, w.dq + size_t(sq_p) * dp, 0.f);
   return finite && nonfinite == 0.f;
 }
-
-// Where the mask cuts the pair (keys [c0, c0 + n), queries [m0, m0 + kBlockM)): for key j the
-// queries (relative to m0) that see it, for query i the keys (relative to c0) it sees; padding
-// queries (>= seqlen_q) see nothing. A `whole` pair (every key seen by every query, most pairs
-// of a long sequence) carries no ranges, and its products run unbanded. A cut pair's products
-// are `banded` (tile_gemm skips what the mask hides: about 40% of a causal diagonal pair) when
-// its inputs are finite; otherwise they run whole as the reference's do, so that a NaN / inf
-// reaches the same gradients through 0 * NaN at masked entries (tests/test_bad_input_kernels.py).
-struct Tile_cut {
-  bool whole, banded;
-  int key_begin[kBlockN], key_end[kBlockN];
-  int query_begin[kBlockM], query_end[kBlockM];
-
-  Tile_cut(const flash::Mask& mask, int sq, int c0, int n, int m0, bool finite)
-      : whole(mask.tile_all_visible(m0, m0 + kBlockM, c0, c0 + n)), banded(!whole && finite) {
-    if (whole) return;
-    const int m = std::min(kBlockM, sq - m0);
-    for (int j = 0; j < n; ++j) seeing_rows(mask, c0 + j, m0, m, &key_begin[j], &key_end[j]);
-    if (!banded) return;
-    for (int i = 0; i < kBlockM; ++i) {
-      int begin = 0, end = 0;
-      if (i < m) mask.key_range(m0 + i, m0 + i + 1, &begin, &end);
-      query_begin[i] = std::clamp(begin - c0, 0, n);
-      query_end[i] = std::clamp(end - c0, 0, n);
-    }
-  }
-  // Band pointers for tile_gemm: null (no band) unless banded.
-  const int* keys_begin() const { return banded ? key_begin : nullptr; }
-  const int* keys_end() const { return banded ? key_end : nullptr; }
-  const int* queries_begin() const { return banded ? query_begin : nullptr; }
-  const int* queries_end() const { return banded ? query_end : nullptr; }
-};
 
 // From S^T (raw scores) and dP^T of the pair: P^T (dropped out) into p_t and dS^T (scaled,
 // through softcap) into s, by flash_math.h's prob_from_lse, softmax_grad and softcap_grad.
