@@ -338,7 +338,9 @@ void pack_keys(const Flash_params& p, const Query_block& qb, const Fwd_scratch& 
   const int sk = qb.seq.seqlen_k;
   load_tile(k_row_ptr<T>(p, qb, 0), p.k_row_stride, sk, qb.d, w.k_all, qb.dp, sk);
   w.v_nonfinite[0] = 0;
+  prefetch_first_rows(v_row_ptr<T>(p, qb, 0), p.v_row_stride, sk, qb.d);
   for (int j = 0; j < sk; ++j) {
+    prefetch_ahead(v_row_ptr<T>(p, qb, 0), p.v_row_stride, j, sk, qb.d);
     const bool finite = load_tile<T, true>(v_row_ptr<T>(p, qb, j), p.v_row_stride, 1, qb.d, w.v_all + size_t(j) * qb.dp, qb.dp, 1);
     w.v_nonfinite[j + 1] = w.v_nonfinite[j] + (finite ? 0 : 1);
   }
@@ -651,7 +653,9 @@ bool load_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp
   transpose(w.q, sq_p, dp, w.q_t);
   transpose(w.dout, sq_p, dp, w.dout_t);
   float nonfinite = 0.f;
+  prefetch_first_rows(out, p.out_row_stride, sq, d);
   for (int i = 0; i < sq_p; ++i) {  // D_i = rowsum(dO * O), the softmax backward's correction
+    prefetch_ahead(out, p.out_row_stride, i, sq, d);
     w.d_rows[i] = i < sq ? row_dot(w.dout + size_t(i) * dp, out + i * p.out_row_stride, d) : 0.f;
     nonfinite += w.d_rows[i] * 0.f;
     w.lse[i] = i < sq ? p.lse[seq.lse_index(p, b, h, i)] : flash::kInf;
