@@ -222,10 +222,18 @@ void start_block(const Flash_params& p, const Query_block& qb, const Fwd_scratch
 // S^T = K Q^T for keys [c0, c0 + n), turned into scaled, capped, masked scores in log2 units
 // (-inf where a query cannot see the key, or is padding), and each query's max over the tile.
 // In a cut tile, registers of queries that cannot see a key are set to -inf unread (the banded
-// product left them unwritten).
-void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, const float* k, const Tile_cut& cut,
+// product left them unwritten). A whole tile without softcap skips that pass: the product takes
+// each query's max as it stores S^T, scaled here (max commutes with the positive scale), and
+// S^T stays raw for tile_probs<true> to scale as it reads it. Returns whether S^T is raw.
+bool tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, const float* k, const Tile_cut& cut,
                  const Fwd_scratch& w) {
   const int cols = qb.cols;
+  if (cut.whole && p.softcap == 0.f) {
+    std::fill(w.tile_max, w.tile_max + cols, -flash::kInf);
+    tile_gemm<C_init::kZero>({k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr, nullptr, nullptr, w.tile_max}, n, cols);
+    for (int i = 0; i < cols; i += kVecFloats) store_vec(w.tile_max + i, load_vec(w.tile_max + i) * p.scale * flash::kLog2e);
+    return true;
+  }
   tile_gemm<C_init::kZero, Band::kColumns>(
       {k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, cols);
   const bool whole = cut.whole;
@@ -251,6 +259,7 @@ void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, co
     }
     store_vec(w.tile_max + i, tmax);
   }
+  return false;
 }
 
 // flash_math.h's OnlineSoftmax::rescale, a register of queries at a time: the running max
@@ -267,7 +276,9 @@ void rescale_running(const Query_block& qb, const Fwd_scratch& w) {
 }
 
 // P^T = exp2(S^T - max) in place (0 where masked; flash_math.h's OnlineSoftmax::prob) added to
-// the running sums, then dropped out: the sums are of the undropped probabilities.
+// the running sums, then dropped out: the sums are of the undropped probabilities. kRaw: S^T
+// holds raw products (tile_scores' fast path), scaled here as tile_scores would have.
+template <bool kRaw>
 void tile_probs(const Flash_params& p, const Query_block& qb, int c0, int n, const Fwd_scratch& w) {
   const int cols = qb.cols;
   for (int i = 0; i < cols; i += kVecFloats) {
@@ -275,7 +286,8 @@ void tile_probs(const Flash_params& p, const Query_block& qb, int c0, int n, con
     VecN sum = load_vec(w.row_sum + i);
     for (int j = 0; j < n; ++j) {
       float* sij = w.s + j * cols + i;
-      const VecN x = load_vec(sij);
+      VecN x = load_vec(sij);
+      if constexpr (kRaw) x = x * p.scale * flash::kLog2e;
       const VecN prob = x == -flash::kInf ? VecN{} : exp2_nonpositive(x - max);
       sum += prob;
       store_vec(sij, prob);
@@ -366,9 +378,9 @@ void forward_tiles(const Flash_params& p, const Query_block& qb, const Fwd_scrat
       v_finite = load_tile<T, true>(v_row_ptr<T>(p, qb, c0), p.v_row_stride, n, qb.d, w.v, qb.dp, n);
     }
     const Tile_cut cut(qb.mask, qb.seq.seqlen_q, c0, n, qb.r0, true);
-    tile_scores(p, qb, c0, n, k, cut, w);
+    const bool raw = tile_scores(p, qb, c0, n, k, cut, w);
     rescale_running(qb, w);
-    tile_probs(p, qb, c0, n, w);
+    raw ? tile_probs<true>(p, qb, c0, n, w) : tile_probs<false>(p, qb, c0, n, w);
     accumulate_output(qb, c0, n, v, v_finite, cut, w);
   }
   finalize_rows<T>(p, qb, w);

@@ -137,6 +137,7 @@ struct Tile_operands {
   const float* row_scale;           // kScaleRows only
   const int* band_begin = nullptr;  // per row of C, Band::kColumns / kDepth only (null: no band)
   const int* band_end = nullptr;
+  float* col_max = nullptr;  // if set: col_max[c] = max(col_max[c], max_r C[r][c]), NaN skipped (flash_math.h)
 };
 
 // One R x kGemmCols block of C at (r0, c0), its accumulators in registers, over k in [k0, k1).
@@ -167,6 +168,13 @@ inline void gemm_block(const Tile_operands& t, int r0, int c0, int k0, int k1) {
   }
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < kGemmVecs; ++v) store_vec(t.c + (r0 + r) * t.ldc + c0 + kVecFloats * v, acc[r][v]);
+  }
+  if (t.col_max != nullptr) {  // the forward's tile max, taken while C is in registers
+    for (int v = 0; v < kGemmVecs; ++v) {
+      VecN m = load_vec(t.col_max + c0 + kVecFloats * v);
+      for (int r = 0; r < R; ++r) m = acc[r][v] > m ? acc[r][v] : m;
+      store_vec(t.col_max + c0 + kVecFloats * v, m);
+    }
   }
 }
 
