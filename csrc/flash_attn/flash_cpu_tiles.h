@@ -143,13 +143,19 @@ struct Tile_operands {
 // One R x kGemmCols block of C at (r0, c0), its accumulators in registers, over k in [k0, k1).
 template <int R, C_init kInit>
 inline void gemm_block(const Tile_operands& t, int r0, int c0, int k0, int k1) {
+  // C's block and the scale in locals: a store through VecN (may_alias) could change any
+  // field of t as far as GCC knows, and it reloaded t.c and t.ldc after every store.
+  const ptrdiff_t ldc = t.ldc;
+  float* const c_block = t.c + r0 * ldc + c0;
+  const float* const row_scale = t.row_scale;
+  float* const col_max = t.col_max;
   VecN acc[R][kGemmVecs];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < kGemmVecs; ++v) {
-      float* c = t.c + (r0 + r) * t.ldc + c0 + kVecFloats * v;
+      float* c = c_block + r * ldc + kVecFloats * v;
       if constexpr (kInit == C_init::kZero) acc[r][v] = VecN{};
       if constexpr (kInit == C_init::kAdd) acc[r][v] = load_vec(c);
-      if constexpr (kInit == C_init::kScaleRows) acc[r][v] = load_vec(c) * t.row_scale[r0 + r];
+      if constexpr (kInit == C_init::kScaleRows) acc[r][v] = load_vec(c) * row_scale[r0 + r];
     }
   }
   // Pointers stepped along k and 64-bit row offsets hoisted out of the loop: each broadcast
@@ -167,13 +173,13 @@ inline void gemm_block(const Tile_operands& t, int r0, int c0, int k0, int k1) {
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < kGemmVecs; ++v) store_vec(t.c + (r0 + r) * t.ldc + c0 + kVecFloats * v, acc[r][v]);
+    for (int v = 0; v < kGemmVecs; ++v) store_vec(c_block + r * ldc + kVecFloats * v, acc[r][v]);
   }
-  if (t.col_max != nullptr) {  // the forward's tile max, taken while C is in registers
+  if (col_max != nullptr) {  // the forward's tile max, taken while C is in registers
     for (int v = 0; v < kGemmVecs; ++v) {
-      VecN m = load_vec(t.col_max + c0 + kVecFloats * v);
+      VecN m = load_vec(col_max + c0 + kVecFloats * v);
       for (int r = 0; r < R; ++r) m = acc[r][v] > m ? acc[r][v] : m;
-      store_vec(t.col_max + c0 + kVecFloats * v, m);
+      store_vec(col_max + c0 + kVecFloats * v, m);
     }
   }
 }
