@@ -627,7 +627,7 @@ void forward_typed(const Flash_params& p) {
 
 // A backward task's working set: one head's whole query side, one kv head's whole dk / dv.
 struct Bwd_scratch {
-  float* q;          // sq_p x dp each: Q, Q^T, dO, dO^T, the dQ accumulator
+  float* q;          // sq_p x dp each: Q, Q^T and dO^T (per block of kBlockM queries), dO, the dQ accumulator
   float* q_t;
   float* dout;
   float* dout_t;
@@ -662,8 +662,14 @@ bool load_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp
   const T* out = static_cast<const T*>(p.out) + seq.q_offset(p, b, h, 0, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
   bool finite = load_tile<T, true>(q, p.q_row_stride, sq, d, w.q, dp, sq_p);
   finite &= load_tile<T, true>(dout, p.dout_row_stride, sq, d, w.dout, dp, sq_p);
-  transpose(w.q, sq_p, dp, w.q_t);
-  transpose(w.dout, sq_p, dp, w.dout_t);
+  // Q^T and dO^T per block of kBlockM queries ([block][c][i], pitch kBlockM): the S^T and dP^T
+  // products read a block's dp rows of B 256 bytes apart. (One sq_p-wide transpose put them
+  // sq_p * 4 bytes apart, 8 KiB at seqlen 2048: every row in the same L1 set, re-read from L2
+  // at each k step; AVX2's narrower column blocks re-read them twice as often.)
+  for (int m0 = 0; m0 < sq_p; m0 += kBlockM) {
+    transpose(w.q + size_t(m0) * dp, kBlockM, dp, w.q_t + size_t(m0) * dp);
+    transpose(w.dout + size_t(m0) * dp, kBlockM, dp, w.dout_t + size_t(m0) * dp);
+  }
   float nonfinite = 0.f;
   prefetch_first_rows(out, p.out_row_stride, sq, d);
   for (int i = 0; i < sq_p; ++i) {  // D_i = rowsum(dO * O), the softmax backward's correction
@@ -767,9 +773,9 @@ void backward_head(const Flash_params& p, int b, int h, const Flash_seq& seq, in
       const Tile_cut cut(mask, sq, c0, n, m0, finite);
       constexpr Band kColumns = Band::kColumns;  // a banded pair computes the scores its keys' queries need
       tile_gemm<C_init::kZero, kColumns>(  // S^T = K Q^T
-          {w.k, dp, 1, w.q_t + m0, sq_p, w.s, M, dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, M);
+          {w.k, dp, 1, w.q_t + size_t(m0) * dp, M, w.s, M, dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, M);
       tile_gemm<C_init::kZero, kColumns>(  // dP^T = V dO^T
-          {w.v, dp, 1, w.dout_t + m0, sq_p, w.dp_t, M, dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, M);
+          {w.v, dp, 1, w.dout_t + size_t(m0) * dp, M, w.dp_t, M, dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, M);
       score_grads(p, cut, c0, n, m0, w);
       accumulate_grads(dp, c0, n, m0, std::min(M, sq - m0), cut, w);
     }
