@@ -300,3 +300,26 @@ def test_cpu_long_sequence_packed(dtype, window):
     finite = ~ref.isnan()
     err = (out.double() - ref)[finite].abs().max().item()
     assert err <= 2 * (plain.double() - ref)[finite].abs().max().item() + 1e-5
+
+
+@pytest.mark.parametrize("capability", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("window", [(-1, 0), (40, 0), (40, 24)], ids=["causal", "causal-left40", "window40,24"])
+def test_cpu_banded_tiles_every_capability(capability, window, monkeypatch):
+    """Tiles the mask cuts run banded products on the CPU (csrc/flash_attn/flash_cpu_tiles.h:
+    column blocks and k ranges the mask hides are skipped), tiles it does not cut run whole; the
+    register block differs per capability (4 / 8 / 16 lanes), so each one's forward and backward
+    is held to the fp64 oracle on a shape with both kinds of tile and a ragged last query tile."""
+    if not backend_status("cpu", "cpu").available:
+        pytest.skip("needs the CPU kernels")
+    if capability not in torch.ops.phi_kernels.cpu_capabilities():
+        pytest.skip(f"this CPU lacks {capability}")
+    monkeypatch.setenv("PHI_KERNELS_CPU_CAPABILITY", capability)
+    torch.manual_seed(0)
+    causal = window[1] == 0
+    q, k, v = (torch.randn(1, 200, 2, 64) for _ in range(3))
+    dout = torch.randn_like(q)
+    ref64, ref32 = _refs(q, k, v, dout, causal, window, 0.0)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out = flash_attn_func(qs, ks, vs, causal=causal, window_size=window, backend="cpu")
+    grads = torch.autograd.grad(out, (qs, ks, vs), dout)
+    _assert_flash_rule(out, grads, ref64, ref32)

@@ -117,6 +117,40 @@ inline VecN keep_lanes(VecN x, int i, int begin, int end, VecN other) {
   return (idx >= begin) & (idx < end) ? x : other;
 }
 
+// Where the mask cuts a pair of tiles (keys [c0, c0 + n), queries [m0, m0 + kBlockM)): for key
+// j the queries (relative to m0) that see it, for query i the keys (relative to c0) it sees;
+// padding queries (>= seqlen_q) see nothing. A `whole` pair (every key seen by every query, most
+// pairs of a long sequence) carries no ranges, and its products run unbanded. A cut pair's
+// products are `banded` (tile_gemm skips what the mask hides: about 40% of a causal diagonal
+// pair) when `finite`. The forward always bands (a masked score is replaced by -inf whatever
+// the product gave); the backward only when its inputs are finite, otherwise its products run
+// whole as the reference's do, so that a NaN / inf reaches the same gradients through 0 * NaN
+// at masked entries (tests/test_bad_input_kernels.py).
+struct Tile_cut {
+  bool whole, banded;
+  int key_begin[kBlockN], key_end[kBlockN];
+  int query_begin[kBlockM], query_end[kBlockM];
+
+  Tile_cut(const flash::Mask& mask, int sq, int c0, int n, int m0, bool finite)
+      : whole(mask.tile_all_visible(m0, m0 + kBlockM, c0, c0 + n)), banded(!whole && finite) {
+    if (whole) return;
+    const int m = std::min(kBlockM, sq - m0);
+    for (int j = 0; j < n; ++j) seeing_rows(mask, c0 + j, m0, m, &key_begin[j], &key_end[j]);
+    if (!banded) return;
+    for (int i = 0; i < kBlockM; ++i) {
+      int begin = 0, end = 0;
+      if (i < m) mask.key_range(m0 + i, m0 + i + 1, &begin, &end);
+      query_begin[i] = std::clamp(begin - c0, 0, n);
+      query_end[i] = std::clamp(end - c0, 0, n);
+    }
+  }
+  // Band pointers for tile_gemm: null (no band) unless banded.
+  const int* keys_begin() const { return banded ? key_begin : nullptr; }
+  const int* keys_end() const { return banded ? key_end : nullptr; }
+  const int* queries_begin() const { return banded ? query_begin : nullptr; }
+  const int* queries_end() const { return banded ? query_end : nullptr; }
+};
+
 // ============================================================================= forward
 
 // A forward task's working set: one block of query rows against key tiles of kBlockN.
@@ -187,19 +221,31 @@ void start_block(const Flash_params& p, const Query_block& qb, const Fwd_scratch
 
 // S^T = K Q^T for keys [c0, c0 + n), turned into scaled, capped, masked scores in log2 units
 // (-inf where a query cannot see the key, or is padding), and each query's max over the tile.
-void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, const float* k, const Fwd_scratch& w) {
+// In a cut tile, registers of queries that cannot see a key are set to -inf unread (the banded
+// product left them unwritten). A whole tile without softcap skips that pass: the product takes
+// each query's max as it stores S^T, scaled here (max commutes with the positive scale), and
+// S^T stays raw for tile_probs<true> to scale as it reads it. Returns whether S^T is raw.
+bool tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, const float* k, const Tile_cut& cut,
+                 const Fwd_scratch& w) {
   const int cols = qb.cols;
-  tile_gemm<C_init::kZero>({k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr}, n, cols);
-  const bool whole = qb.rows == cols && qb.mask.tile_all_visible(qb.r0, qb.r0 + qb.rows, c0, c0 + n);
-  int seen_begin[kBlockN], seen_end[kBlockN];
-  if (!whole) {
-    for (int j = 0; j < n; ++j) seeing_rows(qb.mask, c0 + j, qb.r0, qb.rows, &seen_begin[j], &seen_end[j]);
+  if (cut.whole && p.softcap == 0.f) {
+    std::fill(w.tile_max, w.tile_max + cols, -flash::kInf);
+    tile_gemm<C_init::kZero>({k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr, nullptr, nullptr, w.tile_max}, n, cols);
+    for (int i = 0; i < cols; i += kVecFloats) store_vec(w.tile_max + i, load_vec(w.tile_max + i) * p.scale * flash::kLog2e);
+    return true;
   }
+  tile_gemm<C_init::kZero, Band::kColumns>(
+      {k, qb.dp, 1, w.q_t, cols, w.s, cols, qb.dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, cols);
+  const bool whole = cut.whole;
   const VecN neg_inf = splat(-flash::kInf);
   for (int i = 0; i < cols; i += kVecFloats) {
     VecN tmax = neg_inf;
     for (int j = 0; j < n; ++j) {
       float* sij = w.s + j * cols + i;
+      if (!whole && (i + kVecFloats <= cut.key_begin[j] || i >= cut.key_end[j])) {
+        store_vec(sij, neg_inf);
+        continue;
+      }
       VecN x = load_vec(sij);
       if (p.softcap > 0) {
         for (int l = 0; l < kVecFloats; ++l) x[l] = flash::apply_softcap(x[l] * p.scale, p.softcap);
@@ -207,12 +253,13 @@ void tile_scores(const Flash_params& p, const Query_block& qb, int c0, int n, co
         x = x * p.scale;
       }
       x = x * flash::kLog2e;
-      if (!whole) x = keep_lanes(x, i, seen_begin[j], seen_end[j], neg_inf);
+      if (!whole) x = keep_lanes(x, i, cut.key_begin[j], cut.key_end[j], neg_inf);
       store_vec(sij, x);
       tmax = x > tmax ? x : tmax;  // a NaN score does not move the max (flash_math.h)
     }
     store_vec(w.tile_max + i, tmax);
   }
+  return false;
 }
 
 // flash_math.h's OnlineSoftmax::rescale, a register of queries at a time: the running max
@@ -229,7 +276,9 @@ void rescale_running(const Query_block& qb, const Fwd_scratch& w) {
 }
 
 // P^T = exp2(S^T - max) in place (0 where masked; flash_math.h's OnlineSoftmax::prob) added to
-// the running sums, then dropped out: the sums are of the undropped probabilities.
+// the running sums, then dropped out: the sums are of the undropped probabilities. kRaw: S^T
+// holds raw products (tile_scores' fast path), scaled here as tile_scores would have.
+template <bool kRaw>
 void tile_probs(const Flash_params& p, const Query_block& qb, int c0, int n, const Fwd_scratch& w) {
   const int cols = qb.cols;
   for (int i = 0; i < cols; i += kVecFloats) {
@@ -237,7 +286,8 @@ void tile_probs(const Flash_params& p, const Query_block& qb, int c0, int n, con
     VecN sum = load_vec(w.row_sum + i);
     for (int j = 0; j < n; ++j) {
       float* sij = w.s + j * cols + i;
-      const VecN x = load_vec(sij);
+      VecN x = load_vec(sij);
+      if constexpr (kRaw) x = x * p.scale * flash::kLog2e;
       const VecN prob = x == -flash::kInf ? VecN{} : exp2_nonpositive(x - max);
       sum += prob;
       store_vec(sij, prob);
@@ -251,11 +301,13 @@ void tile_probs(const Flash_params& p, const Query_block& qb, int c0, int n, con
   }
 }
 
-// O = diag(factor) O + P V over the tile's n keys.
-void accumulate_output(const Query_block& qb, int c0, int n, const float* v, bool v_finite, const Fwd_scratch& w) {
+// O = diag(factor) O + P V over the tile's n keys (in a cut tile, each query's visible keys).
+void accumulate_output(const Query_block& qb, int c0, int n, const float* v, bool v_finite, const Tile_cut& cut,
+                       const Fwd_scratch& w) {
   const int dp = qb.dp;
   if (v_finite) {
-    tile_gemm<C_init::kScaleRows>({w.s, 1, qb.cols, v, dp, w.o, dp, n, w.factor}, qb.rows, dp);
+    tile_gemm<C_init::kScaleRows, Band::kDepth>(
+        {w.s, 1, qb.cols, v, dp, w.o, dp, n, w.factor, cut.queries_begin(), cut.queries_end()}, qb.rows, dp);
     return;
   }
   // A NaN / inf in V: masked keys have P = 0, but 0 * NaN is NaN, so the product would carry
@@ -298,7 +350,9 @@ void pack_keys(const Flash_params& p, const Query_block& qb, const Fwd_scratch& 
   const int sk = qb.seq.seqlen_k;
   load_tile(k_row_ptr<T>(p, qb, 0), p.k_row_stride, sk, qb.d, w.k_all, qb.dp, sk);
   w.v_nonfinite[0] = 0;
+  prefetch_first_rows(v_row_ptr<T>(p, qb, 0), p.v_row_stride, sk, qb.d);
   for (int j = 0; j < sk; ++j) {
+    prefetch_ahead(v_row_ptr<T>(p, qb, 0), p.v_row_stride, j, sk, qb.d);
     const bool finite = load_tile<T, true>(v_row_ptr<T>(p, qb, j), p.v_row_stride, 1, qb.d, w.v_all + size_t(j) * qb.dp, qb.dp, 1);
     w.v_nonfinite[j + 1] = w.v_nonfinite[j] + (finite ? 0 : 1);
   }
@@ -323,10 +377,11 @@ void forward_tiles(const Flash_params& p, const Query_block& qb, const Fwd_scrat
       load_tile(k_row_ptr<T>(p, qb, c0), p.k_row_stride, n, qb.d, w.k, qb.dp, n);
       v_finite = load_tile<T, true>(v_row_ptr<T>(p, qb, c0), p.v_row_stride, n, qb.d, w.v, qb.dp, n);
     }
-    tile_scores(p, qb, c0, n, k, w);
+    const Tile_cut cut(qb.mask, qb.seq.seqlen_q, c0, n, qb.r0, true);
+    const bool raw = tile_scores(p, qb, c0, n, k, cut, w);
     rescale_running(qb, w);
-    tile_probs(p, qb, c0, n, w);
-    accumulate_output(qb, c0, n, v, v_finite, w);
+    raw ? tile_probs<true>(p, qb, c0, n, w) : tile_probs<false>(p, qb, c0, n, w);
+    accumulate_output(qb, c0, n, v, v_finite, cut, w);
   }
   finalize_rows<T>(p, qb, w);
 }
@@ -572,7 +627,7 @@ void forward_typed(const Flash_params& p) {
 
 // A backward task's working set: one head's whole query side, one kv head's whole dk / dv.
 struct Bwd_scratch {
-  float* q;          // sq_p x dp each: Q, Q^T, dO, dO^T, the dQ accumulator
+  float* q;          // sq_p x dp each: Q, Q^T and dO^T (per block of kBlockM queries), dO, the dQ accumulator
   float* q_t;
   float* dout;
   float* dout_t;
@@ -597,42 +652,58 @@ struct Bwd_scratch {
   size_t floats;
 };
 
-// Head h's queries, output gradients, D and LSE, and a zero dQ.
+// Head h's queries, output gradients, D and LSE, and a zero dQ. Returns whether Q, dO and D
+// are all finite.
 template <typename T>
-void load_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp, int sq_p, const Bwd_scratch& w) {
+bool load_head(const Flash_params& p, int b, int h, const Flash_seq& seq, int dp, int sq_p, const Bwd_scratch& w) {
   const int d = p.head_dim, sq = seq.seqlen_q;
   const T* q = static_cast<const T*>(p.q) + seq.q_offset(p, b, h, 0, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
   const T* dout = static_cast<const T*>(p.dout) + seq.q_offset(p, b, h, 0, p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride);
   const T* out = static_cast<const T*>(p.out) + seq.q_offset(p, b, h, 0, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
-  load_tile(q, p.q_row_stride, sq, d, w.q, dp, sq_p);
-  load_tile(dout, p.dout_row_stride, sq, d, w.dout, dp, sq_p);
-  transpose(w.q, sq_p, dp, w.q_t);
-  transpose(w.dout, sq_p, dp, w.dout_t);
+  bool finite = load_tile<T, true>(q, p.q_row_stride, sq, d, w.q, dp, sq_p);
+  finite &= load_tile<T, true>(dout, p.dout_row_stride, sq, d, w.dout, dp, sq_p);
+  // Q^T and dO^T per block of kBlockM queries ([block][c][i], pitch kBlockM): the S^T and dP^T
+  // products read a block's dp rows of B 256 bytes apart. (One sq_p-wide transpose put them
+  // sq_p * 4 bytes apart, 8 KiB at seqlen 2048: every row in the same L1 set, re-read from L2
+  // at each k step; AVX2's narrower column blocks re-read them twice as often.)
+  for (int m0 = 0; m0 < sq_p; m0 += kBlockM) {
+    transpose(w.q + size_t(m0) * dp, kBlockM, dp, w.q_t + size_t(m0) * dp);
+    transpose(w.dout + size_t(m0) * dp, kBlockM, dp, w.dout_t + size_t(m0) * dp);
+  }
+  float nonfinite = 0.f;
+  prefetch_first_rows(out, p.out_row_stride, sq, d);
   for (int i = 0; i < sq_p; ++i) {  // D_i = rowsum(dO * O), the softmax backward's correction
+    prefetch_ahead(out, p.out_row_stride, i, sq, d);
     w.d_rows[i] = i < sq ? row_dot(w.dout + size_t(i) * dp, out + i * p.out_row_stride, d) : 0.f;
+    nonfinite += w.d_rows[i] * 0.f;
     w.lse[i] = i < sq ? p.lse[seq.lse_index(p, b, h, i)] : flash::kInf;
     w.hashes[i] = p.dropout.row_hash(uint32_t(b * p.heads + h), uint32_t(i));
   }
   std::fill(w.dq, w.dq + size_t(sq_p) * dp, 0.f);
+  return finite && nonfinite == 0.f;
 }
 
-// From S^T (raw scores) and dP^T of keys [c0, c0 + n) x queries [m0, m0 + kBlockM): P^T
-// (dropped out) into p_t and dS^T (scaled, through softcap) into s, by flash_math.h's
-// prob_from_lse, softmax_grad and softcap_grad.
-void score_grads(const Flash_params& p, const flash::Mask& mask, int sq, int c0, int n, int m0, const Bwd_scratch& w) {
+// From S^T (raw scores) and dP^T of the pair: P^T (dropped out) into p_t and dS^T (scaled,
+// through softcap) into s, by flash_math.h's prob_from_lse, softmax_grad and softcap_grad.
+// Masked entries get P = 0; in a banded pair (finite inputs) also dS = 0 without reading them
+// (S^T and dP^T were computed only where the band needs them).
+void score_grads(const Flash_params& p, const Tile_cut& cut, int c0, int n, int m0, const Bwd_scratch& w) {
   constexpr int M = kBlockM;
   if (p.softcap == 0.f && !p.dropout.enabled()) {  // the common case, a register of queries at a time
-    const bool whole = mask.tile_all_visible(m0, m0 + M, c0, c0 + n);
     for (int j = 0; j < n; ++j) {
       float* sj = w.s + j * M;
       float* pj = w.p_t + j * M;
       const float* dpj = w.dp_t + j * M;
-      int ib = 0, ie = M;
-      if (!whole) seeing_rows(mask, c0 + j, m0, std::min(M, sq - m0), &ib, &ie);
+      const int ib = cut.whole ? 0 : cut.key_begin[j], ie = cut.whole ? M : cut.key_end[j];
       for (int i = 0; i < M; i += kVecFloats) {
+        if (cut.banded && (i + kVecFloats <= ib || i >= ie)) {  // no query of this register sees key j
+          store_vec(pj + i, VecN{});
+          store_vec(sj + i, VecN{});
+          continue;
+        }
         const VecN l = load_vec(w.lse + m0 + i), x = load_vec(sj + i) * p.scale;
         VecN prob = l != flash::kInf ? exp2_nonpositive((x - l) * flash::kLog2e) : VecN{};
-        if (!whole) prob = keep_lanes(prob, i, ib, ie, VecN{});
+        if (!cut.whole) prob = keep_lanes(prob, i, ib, ie, VecN{});
         store_vec(pj + i, prob);
         store_vec(sj + i, prob * (load_vec(dpj + i) - load_vec(w.d_rows + m0 + i)) * p.scale);
       }
@@ -643,9 +714,12 @@ void score_grads(const Flash_params& p, const flash::Mask& mask, int sq, int c0,
     float* sj = w.s + j * M;
     float* pj = w.p_t + j * M;
     const float* dpj = w.dp_t + j * M;
-    int ib, ie;
-    seeing_rows(mask, c0 + j, m0, std::min(M, sq - m0), &ib, &ie);
+    const int ib = cut.whole ? 0 : cut.key_begin[j], ie = cut.whole ? M : cut.key_end[j];
     for (int i = 0; i < M; ++i) {
+      if (cut.banded && (i < ib || i >= ie)) {
+        pj[i] = sj[i] = 0.f;
+        continue;
+      }
       const float capped = flash::apply_softcap(sj[i] * p.scale, p.softcap);
       const float l = w.lse[m0 + i];
       const bool on = i >= ib && i < ie && l != flash::kInf;
@@ -662,14 +736,19 @@ void score_grads(const Flash_params& p, const flash::Mask& mask, int sq, int c0,
   }
 }
 
-// dV += P^T dO, dK += dS^T Q (keys [c0, c0 + n)), dQ += dS K (queries [m0, m0 + m)).
-void accumulate_grads(int dp, int c0, int n, int m0, int m, const Bwd_scratch& w) {
+// dV += P^T dO, dK += dS^T Q (keys [c0, c0 + n)), dQ += dS K (queries [m0, m0 + m)); in a cut
+// banded pair each key row sums only the queries that see it, each query row only the keys it sees.
+void accumulate_grads(int dp, int c0, int n, int m0, int m, const Tile_cut& cut, const Bwd_scratch& w) {
   constexpr int M = kBlockM;
   float* dk = w.dk + size_t(c0) * dp;
   float* dv = w.dv + size_t(c0) * dp;
-  tile_gemm<C_init::kAdd>({w.p_t, M, 1, w.dout + size_t(m0) * dp, dp, dv, dp, m, nullptr}, n, dp);
-  tile_gemm<C_init::kAdd>({w.s, M, 1, w.q + size_t(m0) * dp, dp, dk, dp, m, nullptr}, n, dp);
-  tile_gemm<C_init::kAdd>({w.s, 1, M, w.k, dp, w.dq + size_t(m0) * dp, dp, n, nullptr}, m, dp);
+  constexpr Band kDepth = Band::kDepth;
+  tile_gemm<C_init::kAdd, kDepth>(
+      {w.p_t, M, 1, w.dout + size_t(m0) * dp, dp, dv, dp, m, nullptr, cut.keys_begin(), cut.keys_end()}, n, dp);
+  tile_gemm<C_init::kAdd, kDepth>(
+      {w.s, M, 1, w.q + size_t(m0) * dp, dp, dk, dp, m, nullptr, cut.keys_begin(), cut.keys_end()}, n, dp);
+  tile_gemm<C_init::kAdd, kDepth>(
+      {w.s, 1, M, w.k, dp, w.dq + size_t(m0) * dp, dp, n, nullptr, cut.queries_begin(), cut.queries_end()}, m, dp);
 }
 
 template <typename T>
@@ -677,27 +756,32 @@ void backward_head(const Flash_params& p, int b, int h, const Flash_seq& seq, in
   constexpr int M = kBlockM, N = kBlockN;
   const int d = p.head_dim, kvh = p.kv_head(h), sq = seq.seqlen_q, sk = seq.seqlen_k;
   const flash::Mask mask = seq.mask(p);
-  load_head<T>(p, b, h, seq, dp, sq_p, w);
+  const bool head_finite = load_head<T>(p, b, h, seq, dp, sq_p, w);
   for (int c0 = 0; c0 < sk; c0 += N) {
     const int n = std::min(N, sk - c0);
     int r_begin, r_end;
     mask.row_range(c0, c0 + n, &r_begin, &r_end);
     if (r_begin >= r_end) continue;
-    load_tile(static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
-              p.k_row_stride, n, d, w.k, dp, n);
-    load_tile(static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
-              p.v_row_stride, n, d, w.v, dp, n);
+    bool finite = head_finite;
+    finite &= load_tile<T, true>(
+        static_cast<const T*>(p.k) + seq.k_offset(p, b, kvh, c0, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
+        p.k_row_stride, n, d, w.k, dp, n);
+    finite &= load_tile<T, true>(
+        static_cast<const T*>(p.v) + seq.k_offset(p, b, kvh, c0, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
+        p.v_row_stride, n, d, w.v, dp, n);
     for (int m0 = r_begin / M * M; m0 < r_end; m0 += M) {
-      tile_gemm<C_init::kZero>({w.k, dp, 1, w.q_t + m0, sq_p, w.s, M, dp, nullptr}, n, M);         // S^T = K Q^T
-      tile_gemm<C_init::kZero>({w.v, dp, 1, w.dout_t + m0, sq_p, w.dp_t, M, dp, nullptr}, n, M);  // dP^T = V dO^T
-      score_grads(p, mask, sq, c0, n, m0, w);
-      accumulate_grads(dp, c0, n, m0, std::min(M, sq - m0), w);
+      const Tile_cut cut(mask, sq, c0, n, m0, finite);
+      constexpr Band kColumns = Band::kColumns;  // a banded pair computes the scores its keys' queries need
+      tile_gemm<C_init::kZero, kColumns>(  // S^T = K Q^T
+          {w.k, dp, 1, w.q_t + size_t(m0) * dp, M, w.s, M, dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, M);
+      tile_gemm<C_init::kZero, kColumns>(  // dP^T = V dO^T
+          {w.v, dp, 1, w.dout_t + size_t(m0) * dp, M, w.dp_t, M, dp, nullptr, cut.keys_begin(), cut.keys_end()}, n, M);
+      score_grads(p, cut, c0, n, m0, w);
+      accumulate_grads(dp, c0, n, m0, std::min(M, sq - m0), cut, w);
     }
   }
   T* dq = static_cast<T*>(p.dq) + seq.q_offset(p, b, h, 0, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
-  for (int i = 0; i < sq; ++i) {
-    for (int c = 0; c < d; ++c) dq[i * p.dq_row_stride + c] = from_float<T>(w.dq[i * dp + c]);
-  }
+  store_tile(w.dq, dp, sq, d, dq, p.dq_row_stride);
 }
 
 template <typename T>
@@ -708,32 +792,23 @@ void backward_typed(const Flash_params& p) {
   const int max_q = round_up(std::max(p.seqlen_q, 1), kBlockM), max_k = round_up(std::max(p.seqlen_k, 1), kBlockN);
   const size_t scratch_floats = Bwd_scratch(Carver(nullptr), dp, max_q, max_k).floats;
   Region_errors errors;
-  #pragma omp parallel if (macs > kParallelMacs)
-  {
-    std::vector<float> buffer;
-    // Every thread reaches the worksharing loop below, even when its buffer failed.
-    const bool allocated = errors.run([&] { buffer.resize(scratch_floats); });
-    #pragma omp for collapse(2) schedule(dynamic)
-    for (int b = 0; b < p.batch; ++b) {
-      for (int kvh = 0; kvh < p.kv_heads; ++kvh) {
-        if (!allocated) continue;
-        errors.run([&] {
-          const Flash_seq seq = Flash_seq::of(p, b);
-          const int sq_p = round_up(std::max(seq.seqlen_q, 1), kBlockM), sk = seq.seqlen_k;
-          const Bwd_scratch w(Carver(buffer.data()), dp, sq_p, round_up(std::max(sk, 1), kBlockN));
-          std::fill(w.dk, w.dk + size_t(sk) * dp, 0.f);
-          std::fill(w.dv, w.dv + size_t(sk) * dp, 0.f);
-          for (int h = kvh * group; h < (kvh + 1) * group; ++h) backward_head<T>(p, b, h, seq, dp, sq_p, w);
-          T* dk = static_cast<T*>(p.dk) + seq.k_offset(p, b, kvh, 0, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
-          T* dv = static_cast<T*>(p.dv) + seq.k_offset(p, b, kvh, 0, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
-          for (int j = 0; j < sk; ++j) {
-            for (int c = 0; c < d; ++c) {
-              dk[j * p.dk_row_stride + c] = from_float<T>(w.dk[j * dp + c]);
-              dv[j * p.dv_row_stride + c] = from_float<T>(w.dv[j * dp + c]);
-            }
-          }
-        });
-      }
+  #pragma omp parallel for collapse(2) schedule(dynamic) if (macs > kParallelMacs)
+  for (int b = 0; b < p.batch; ++b) {
+    for (int kvh = 0; kvh < p.kv_heads; ++kvh) {
+      errors.run([&] {
+        const Flash_seq seq = Flash_seq::of(p, b);
+        const int sq_p = round_up(std::max(seq.seqlen_q, 1), kBlockM), sk = seq.seqlen_k;
+        // The thread's scratch persists across calls (allocating it per call cost page faults
+        // and a zeroing pass every backward).
+        const Bwd_scratch w(Carver(thread_scratch(scratch_floats)), dp, sq_p, round_up(std::max(sk, 1), kBlockN));
+        std::fill(w.dk, w.dk + size_t(sk) * dp, 0.f);
+        std::fill(w.dv, w.dv + size_t(sk) * dp, 0.f);
+        for (int h = kvh * group; h < (kvh + 1) * group; ++h) backward_head<T>(p, b, h, seq, dp, sq_p, w);
+        T* dk = static_cast<T*>(p.dk) + seq.k_offset(p, b, kvh, 0, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+        T* dv = static_cast<T*>(p.dv) + seq.k_offset(p, b, kvh, 0, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+        store_tile(w.dk, dp, sk, d, dk, p.dk_row_stride);
+        store_tile(w.dv, dp, sk, d, dv, p.dv_row_stride);
+      });
     }
   }
   errors.rethrow();

@@ -114,8 +114,17 @@ inline float exp2_nonpositive(float x) { return exp2_nonpositive(splat(x))[0]; }
 // (broadcast), so it may be stored transposed at no cost; B and C rows are read as vectors.
 // init: kZero C = AB; kAdd C += AB; kScaleRows C = row_scale[r] * C + AB (the online softmax's
 // rescale of the output, done while the block is in registers).
+//
+// A band (a tile that the attention mask cuts diagonally) gives each row r of C a range
+// [band_begin[r], band_end[r]) (empty when begin >= end) and lets a register block skip what
+// lies outside its rows' ranges: kColumns, C's row r is needed in those columns only (blocks
+// of kGemmCols columns that no row of the block needs are left unwritten); kDepth, A(r, k) is
+// zero outside that k range (the block's k loop covers the union of its rows' ranges, which
+// leaves C exactly as the full product would, finite B assumed). On the diagonal tile of a causal
+// mask either skips about 40% of the multiply-adds.
 
 enum class C_init { kZero, kAdd, kScaleRows };
+enum class Band { kNone, kColumns, kDepth };
 
 struct Tile_operands {
   const float* a;
@@ -125,28 +134,37 @@ struct Tile_operands {
   float* c;
   int ldc;
   int depth;
-  const float* row_scale;  // kScaleRows only
+  const float* row_scale;           // kScaleRows only
+  const int* band_begin = nullptr;  // per row of C, Band::kColumns / kDepth only (null: no band)
+  const int* band_end = nullptr;
+  float* col_max = nullptr;  // if set: col_max[c] = max(col_max[c], max_r C[r][c]), NaN skipped (flash_math.h)
 };
 
-// One R x kGemmCols block of C at (r0, c0), its accumulators in registers.
+// One R x kGemmCols block of C at (r0, c0), its accumulators in registers, over k in [k0, k1).
 template <int R, C_init kInit>
-inline void gemm_block(const Tile_operands& t, int r0, int c0) {
+inline void gemm_block(const Tile_operands& t, int r0, int c0, int k0, int k1) {
+  // C's block and the scale in locals: a store through VecN (may_alias) could change any
+  // field of t as far as GCC knows, and it reloaded t.c and t.ldc after every store.
+  const ptrdiff_t ldc = t.ldc;
+  float* const c_block = t.c + r0 * ldc + c0;
+  const float* const row_scale = t.row_scale;
+  float* const col_max = t.col_max;
   VecN acc[R][kGemmVecs];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < kGemmVecs; ++v) {
-      float* c = t.c + (r0 + r) * t.ldc + c0 + kVecFloats * v;
+      float* c = c_block + r * ldc + kVecFloats * v;
       if constexpr (kInit == C_init::kZero) acc[r][v] = VecN{};
       if constexpr (kInit == C_init::kAdd) acc[r][v] = load_vec(c);
-      if constexpr (kInit == C_init::kScaleRows) acc[r][v] = load_vec(c) * t.row_scale[r0 + r];
+      if constexpr (kInit == C_init::kScaleRows) acc[r][v] = load_vec(c) * row_scale[r0 + r];
     }
   }
   // Pointers stepped along k and 64-bit row offsets hoisted out of the loop: each broadcast
   // is then one base + index * 4 load (int indices cost a sign extension and an add per
   // broadcast and ran out of integer registers).
   const ptrdiff_t a_row = t.a_row, a_col = t.a_col, ldb = t.ldb;
-  const float* __restrict__ ak = t.a + r0 * a_row;
-  const float* __restrict__ bk = t.b + c0;
-  for (int k = 0; k < t.depth; ++k, ak += a_col, bk += ldb) {
+  const float* __restrict__ ak = t.a + r0 * a_row + k0 * a_col;
+  const float* __restrict__ bk = t.b + c0 + k0 * ldb;
+  for (int k = k0; k < k1; ++k, ak += a_col, bk += ldb) {
     VecN bv[kGemmVecs];
     for (int v = 0; v < kGemmVecs; ++v) bv[v] = load_vec(bk + kVecFloats * v);
     for (int r = 0; r < R; ++r) {
@@ -155,29 +173,88 @@ inline void gemm_block(const Tile_operands& t, int r0, int c0) {
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < kGemmVecs; ++v) store_vec(t.c + (r0 + r) * t.ldc + c0 + kVecFloats * v, acc[r][v]);
+    for (int v = 0; v < kGemmVecs; ++v) store_vec(c_block + r * ldc + kVecFloats * v, acc[r][v]);
+  }
+  if (col_max != nullptr) {  // the forward's tile max, taken while C is in registers
+    for (int v = 0; v < kGemmVecs; ++v) {
+      VecN m = load_vec(col_max + c0 + kVecFloats * v);
+      for (int r = 0; r < R; ++r) m = acc[r][v] > m ? acc[r][v] : m;
+      store_vec(col_max + c0 + kVecFloats * v, m);
+    }
   }
 }
 
 // The last rows % kGemmRows rows: a smaller block of exactly that many rows.
 template <C_init kInit, int R = kGemmRows - 1>
-inline void gemm_tail(const Tile_operands& t, int r0, int c0, int rest) {
+inline void gemm_tail(const Tile_operands& t, int r0, int c0, int rest, int k0, int k1) {
   if constexpr (R > 0) {
-    if (rest == R) return gemm_block<R, kInit>(t, r0, c0);
-    gemm_tail<kInit, R - 1>(t, r0, c0, rest);
+    if (rest == R) return gemm_block<R, kInit>(t, r0, c0, k0, k1);
+    gemm_tail<kInit, R - 1>(t, r0, c0, rest, k0, k1);
   }
 }
 
-template <C_init kInit>
+// The union of the band ranges of rows [r0, r1) as [*lo, *hi) (*lo >= *hi when all are empty).
+inline void band_union(const Tile_operands& t, int r0, int r1, int* lo, int* hi) {
+  *lo = 1 << 30;
+  *hi = 0;
+  for (int r = r0; r < r1; ++r) {
+    if (t.band_begin[r] >= t.band_end[r]) continue;
+    *lo = std::min(*lo, t.band_begin[r]);
+    *hi = std::max(*hi, t.band_end[r]);
+  }
+}
+
+// Rows [r0, r0 + n) (n <= kGemmRows) of column block c0, within the band.
+template <C_init kInit, Band kBand>
+inline void gemm_rows(const Tile_operands& t, int r0, int n, int c0) {
+  int k0 = 0, k1 = t.depth;
+  if constexpr (kBand != Band::kNone) {
+    int lo, hi;
+    band_union(t, r0, r0 + n, &lo, &hi);
+    if constexpr (kBand == Band::kColumns) {
+      if (std::max(lo, c0) >= std::min(hi, c0 + kGemmCols)) return;
+    } else {
+      k0 = std::min(lo, t.depth);
+      k1 = std::max(k0, std::min(hi, t.depth));
+    }
+  }
+  if (n == kGemmRows) return gemm_block<kGemmRows, kInit>(t, r0, c0, k0, k1);
+  gemm_tail<kInit>(t, r0, c0, n, k0, k1);
+}
+
+template <C_init kInit, Band kBand = Band::kNone>
 void tile_gemm(const Tile_operands& t, int rows, int cols) {
+  if constexpr (kBand != Band::kNone) {
+    if (t.band_begin == nullptr) return tile_gemm<kInit>(t, rows, cols);  // no band given: the whole product
+  }
   for (int c0 = 0; c0 < cols; c0 += kGemmCols) {
-    int r0 = 0;
-    for (; r0 + kGemmRows <= rows; r0 += kGemmRows) gemm_block<kGemmRows, kInit>(t, r0, c0);
-    gemm_tail<kInit>(t, r0, c0, rows - r0);
+    for (int r0 = 0; r0 < rows; r0 += kGemmRows) gemm_rows<kInit, kBand>(t, r0, std::min(kGemmRows, rows - r0), c0);
   }
 }
 
 // ----------------------------------------------------------------------------- tile loads
+
+// The rows a kernel copies are heads * head_dim elements apart (8 KiB for phi-1.5: a page per
+// row), which the hardware prefetchers do not follow, so every row was a cache miss waited on
+// in turn. The copy loops ask for the row kPrefetchRows ahead themselves (the first
+// kPrefetchRows rows up front), keeping that many rows' misses in flight.
+constexpr int kPrefetchRows = 8;
+
+template <int kWrite = 0, typename T>
+inline void prefetch_row(const T* row, int d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int off = 0; off < d * int(sizeof(T)); off += 64) __builtin_prefetch(p + off, kWrite);
+}
+
+// Rows [0, kPrefetchRows) of a strided copy up front; then prefetch_ahead(r) before row r.
+template <int kWrite = 0, typename T>
+inline void prefetch_first_rows(const T* src, int64_t stride, int rows, int d) {
+  for (int r = 0; r < std::min(rows, kPrefetchRows); ++r) prefetch_row<kWrite>(src + r * stride, d);
+}
+template <int kWrite = 0, typename T>
+inline void prefetch_ahead(const T* src, int64_t stride, int r, int rows, int d) {
+  if (r + kPrefetchRows < rows) prefetch_row<kWrite>(src + (r + kPrefetchRows) * stride, d);
+}
 
 // Copies `rows` rows of `d` elements (row stride `stride`) into a zero-padded fp32 tile with
 // row pitch `pitch`; rows [rows, padded_rows) are zero. Returns whether every value is finite
@@ -186,7 +263,9 @@ template <typename T, bool kCheckFinite = false>
 bool load_tile(const T* __restrict__ src, int64_t stride, int rows, int d, float* __restrict__ dst, int pitch,
                int padded_rows) {
   float nonfinite = 0.f;
+  prefetch_first_rows(src, stride, rows, d);
   for (int r = 0; r < rows; ++r) {
+    prefetch_ahead(src, stride, r, rows, d);
     const T* __restrict__ s = src + r * stride;
     float* __restrict__ o = dst + r * pitch;
     if constexpr (kCheckFinite) {
@@ -203,6 +282,21 @@ bool load_tile(const T* __restrict__ src, int64_t stride, int rows, int d, float
   }
   std::fill(dst + rows * pitch, dst + padded_rows * pitch, 0.f);
   return nonfinite == 0.f;
+}
+
+// The first d columns of `rows` rows of an fp32 tile (row pitch `pitch`) into rows of T with
+// row stride `stride` (the kernels' dq / dk / dv). Vectorized: the output never aliases the
+// scratch tile (as a scalar loop this copy was a tenth of the backward at seqlen 128).
+template <typename T>
+void store_tile(const float* __restrict__ src, int pitch, int rows, int d, T* __restrict__ dst, int64_t stride) {
+  prefetch_first_rows<1>(dst, stride, rows, d);
+  for (int r = 0; r < rows; ++r) {
+    prefetch_ahead<1>(dst, stride, r, rows, d);
+    const float* __restrict__ s = src + r * pitch;
+    T* __restrict__ o = dst + r * stride;
+    #pragma omp simd
+    for (int c = 0; c < d; ++c) o[c] = from_float<T>(s[c]);
+  }
 }
 
 // dst[c * rows + r] = src[r * pitch + c] for c < pitch: a padded tile transposed, 16 rows at
