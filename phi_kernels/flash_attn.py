@@ -259,11 +259,11 @@ def _why_not_cpu() -> str | None:
 
 
 def _cpu_backend(q: Tensor, requested: str | None) -> str | None:
-    """"cpu" when resolve_backend would choose it for CPU tensors (asked for by backend= or
-    PHI_KERNELS_BACKEND, or chosen automatically: cpu comes first there) and the kernels are
-    loaded; None to ask resolve_backend, which also says why a request cannot be honoured. The
-    general path describes every backend's status to choose one, which costs a decoding step of
-    a small model as much as its attention."""
+    """The backend name "cpu" where resolve_backend would choose it: CPU tensors, the kernels
+    loaded, and cpu asked for (backend= or PHI_KERNELS_BACKEND) or nothing asked for (cpu comes
+    first then). None: ask resolve_backend, which also says why a request cannot be honoured.
+    It describes every backend's status to choose one, which cost a decoding step of a small
+    model as much as its attention."""
     if not q.is_cpu:
         return None
     if requested is None:
