@@ -54,11 +54,14 @@ import dataclasses
 import functools
 import math
 import numbers
+import operator
+import os
 
 import torch
 from torch import Tensor
 
 from phi_kernels import _extension
+from phi_kernels._backends import ENV_VAR as BACKEND_ENV_VAR
 from phi_kernels._backends import cpp_ops, resolve_backend
 from phi_kernels._op_args import OpArgs
 from phi_kernels._checks import FP32_MAX as _FP32_MAX
@@ -66,7 +69,7 @@ from phi_kernels._checks import INT32_MAX as _INT32_MAX
 from phi_kernels._checks import check_cu_seqlens as _check_cu_seqlens
 from phi_kernels._checks import cu_seqlens_lengths as _cu_seqlens_lengths
 from phi_kernels._checks import is_int as _is_int
-from phi_kernels._checks import may_overlap as _may_overlap
+from phi_kernels._checks import byte_range as _byte_range
 from phi_kernels.reference.flash_attn import flash_attn_ref
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -103,6 +106,33 @@ def _check_scalars(dropout_p, window_size, softcap, softmax_scale) -> None:
                          f"got {window_size!r}")
 
 
+def _dense_ok(q, k, v) -> bool:
+    """Whether _check's tensor checks all pass for the dense layout: one expression, so a call
+    that passes costs a few attribute reads (decoding makes one every step); a call that fails
+    goes through _check's checks in order, for the message."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        return False
+    dtype, device, shape = q.dtype, q.device, k.shape
+    if not (dtype in _DTYPES and k.dtype == dtype and v.dtype == dtype and k.device == device and v.device == device
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and q.dim() == 4 and len(shape) == 4 and v.shape == shape and shape[0] == q.shape[0]):
+        return False
+    head_dim, heads, kv_heads = q.shape[3], q.shape[2], shape[2]
+    return shape[3] == head_dim and head_dim % 8 == 0 and 8 <= head_dim <= 256 and kv_heads != 0 \
+        and heads % kv_heads == 0
+
+
+def _scalars_ok(dropout_p, window_size, softcap, softmax_scale) -> bool:
+    """Whether _check_scalars passes, for the defaults and plain floats (anything else: False,
+    and _check_scalars decides)."""
+    return (type(dropout_p) is float and 0.0 <= dropout_p < 1.0 and type(softcap) is float
+            and 0.0 <= softcap <= _FP32_MAX
+            and (softmax_scale is None or type(softmax_scale) is float and _FP32_HALF_TINY < softmax_scale <= _FP32_MAX)
+            and type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is int
+            and type(window_size[1]) is int and -1 <= window_size[0] <= _INT32_MAX
+            and -1 <= window_size[1] <= _INT32_MAX)
+
+
 def _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, softmax_scale,
            names=("q", "k", "v")) -> tuple:
     """Raise ValueError naming the bad argument. Returns the (max_seqlen_q, max_seqlen_k) the
@@ -111,6 +141,8 @@ def _check(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, window_size, softcap, s
     max_seqlen >= the longest sequence; sizing the launch by the longest makes a max_seqlen far
     above it (2**31 - 1) cost nothing instead of a huge grid or allocation. names: what the
     caller calls q, k and v (flash_attn_with_kvcache: q, k_cache, v_cache)."""
+    if cu_q is None and _dense_ok(q, k, v) and _scalars_ok(dropout_p, window_size, softcap, softmax_scale):
+        return max_q, max_k  # every check below passes (the common call, without building messages)
     nq, nk, nv = names
     for name, t in ((nq, q), (nk, k), (nv, v)):
         if not isinstance(t, Tensor):
@@ -226,6 +258,21 @@ def _why_not_cpu() -> str | None:
     return None
 
 
+def _cpu_backend(q: Tensor, requested: str | None) -> str | None:
+    """The backend name "cpu" where resolve_backend would choose it: CPU tensors, the kernels
+    loaded, and cpu asked for (backend= or PHI_KERNELS_BACKEND) or nothing asked for (cpu comes
+    first then). None: ask resolve_backend, which also says why a request cannot be honoured.
+    It describes every backend's status to choose one, which cost a decoding step of a small
+    model as much as its attention."""
+    if not q.is_cpu:
+        return None
+    if requested is None:
+        requested = os.environ.get(BACKEND_ENV_VAR) or None
+    if (requested is None or requested == "cpu") and _extension.load_error() is None and _why_not_cpu() is None:
+        return "cpu"
+    return None
+
+
 # --------------------------------------------------------------------------- ops
 
 
@@ -250,6 +297,11 @@ class FlashAttnArgs(OpArgs):
     seed: int = 0  # of the dropout mask
 
 
+# args.positional() by one attrgetter, for the eager kernel calls (every decoding step makes
+# one; torch.compile traces positional() itself, not this).
+_positional = operator.attrgetter(*FlashAttnArgs.names())
+
+
 def _empty_lse(q: Tensor, varlen: bool) -> Tensor:
     if varlen:
         return torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
@@ -260,7 +312,7 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, args: FlashAttnArgs, backend:
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = _empty_lse(q, args.cu_seqlens_q is not None)
     if backend in ("cuda", "cuda-emu", "cpu"):  # causal is carried by the window: window_right == 0
-        cpp_ops(backend).flash_attn_forward_out(q, k, v, *args.positional(), out, lse)
+        cpp_ops(backend).flash_attn_forward_out(q, k, v, *_positional(args), out, lse)
     else:
         from phi_kernels.triton.flash_attn_fwd import flash_attn_fwd_triton
 
@@ -355,13 +407,15 @@ def _prepare(q, k, v, *, causal: bool, window_size, softmax_scale, deterministic
         max_q, max_k = q.shape[1], k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     wl, wr = _window(causal, window_size)
-    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    name = resolve_backend("flash_attn", q.device, backend,
-                           supported=("cuda", "cuda-emu", "triton", "cpu", "ref"),
-                           why_not=lambda n: (_why_not_cuda(q, k, v, deterministic, emulated=n == "cuda-emu",
-                                                            backward=backward)
-                                              if n in ("cuda", "cuda-emu")
-                                              else _why_not_cpu() if n == "cpu" else None))
+    name = _cpu_backend(q, backend)
+    if name is None:
+        backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        name = resolve_backend("flash_attn", q.device, backend,
+                               supported=("cuda", "cuda-emu", "triton", "cpu", "ref"),
+                               why_not=lambda n: (_why_not_cuda(q, k, v, deterministic, emulated=n == "cuda-emu",
+                                                                backward=backward)
+                                                  if n in ("cuda", "cuda-emu")
+                                                  else _why_not_cpu() if n == "cpu" else None))
     options.update(softcap=float(softcap), dropout_p=float(dropout_p))
     return name, FlashAttnArgs(max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=float(scale), window_left=wl,
                                window_right=wr, **options)
@@ -371,7 +425,8 @@ def _run(name: str, q, k, v, args: FlashAttnArgs, return_attn_probs: bool):
     """The call, after _prepare."""
     # The dropout seed comes from torch's default generator: torch.manual_seed reproduces it.
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if args.dropout_p > 0 else 0
-    if args.cu_seqlens_q is None:  # dense: the shapes of what is passed (flash_attn_with_kvcache: the caches' prefixes)
+    # Dense: the shapes of what is passed (what _prepare was given, unless a caller passes other views).
+    if args.cu_seqlens_q is None and (args.max_seqlen_q != q.shape[1] or args.max_seqlen_k != k.shape[1] or seed):
         args = dataclasses.replace(args, max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1], seed=seed)
     elif seed:
         args = dataclasses.replace(args, seed=seed)
@@ -449,6 +504,25 @@ def _cache_seqlens(cache_seqlens, batch: int, device) -> Tensor | int | None:
     return cache_seqlens
 
 
+def _check_cache_writable(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, q: Tensor, lens) -> None:
+    """torch's rules for a written tensor: no element at two indices (an expand()ed cache would
+    take every row's keys in one place), no written tensor sharing memory with what is read (the
+    new k / v, the other cache, q, cache_seqlens). Every tensor here is on one device (checked
+    before); each one's byte range is computed once."""
+    for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if torch._debug_has_internal_overlap(cache) == 1:
+            raise ValueError(f"{cache_name} has elements sharing one memory location (an expand()ed or stride-0 "
+                             f"tensor, strides {cache.stride()}): the new keys / values cannot be written into it")
+    spans = {name: _byte_range(t) for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
+                                                  ("q", q), ("cache_seqlens", lens)) if isinstance(t, Tensor)}
+    for written in ("k_cache", "v_cache"):
+        w_begin, w_end = spans[written]
+        for read, (r_begin, r_end) in spans.items():
+            if read != written and (read, written) != ("k_cache", "v_cache") and w_begin < r_end and r_begin < w_end:
+                raise ValueError(f"{written} shares memory with {read}: writing the new keys / values "
+                                 "would overwrite what the call reads")
+
+
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
                             v: Tensor | None = None, cache_seqlens: int | Tensor | None = None,
                             softmax_scale: float | None = None, causal: bool = False,
@@ -504,46 +578,39 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tens
     if isinstance(lens, int):
         if not 0 <= lens <= cache_len - new:
             raise ValueError(f"cache_seqlens ({lens}) + seqlen_new ({new}) must be in [0, cache_len = {cache_len}]")
-    elif not torch.compiler.is_compiling():
-        vals = lens.tolist()  # one small read-back
-        lo, hi = (min(vals), max(vals)) if batch else (0, 0)
-        if lo < 0 or hi + new > cache_len:
-            raise ValueError(f"cache_seqlens + seqlen_new must be in [0, cache_len = {cache_len}], got "
-                             f"cache_seqlens in [{lo}, {hi}] and seqlen_new {new}")
-    # The attention's own checks and the backend choice, on the whole caches (what the kernels
-    # are given below are prefixes or the same tensors: same dtype, strides and alignment).
-    name, args = _prepare(q, k_cache, v_cache, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
-                          deterministic=False, backend=backend, names=("q", "k_cache", "v_cache"), softcap=softcap)
-    if k is not None and new and not torch.compiler.is_compiling():
-        # torch's rules for a written tensor: no element at two indices (an expand()ed cache would
-        # take every row's keys in one place), no written tensor sharing memory with what is
-        # read (the new k / v, the other cache, q, cache_seqlens).
-        for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if torch._debug_has_internal_overlap(cache) == 1:
-                raise ValueError(f"{cache_name} has elements sharing one memory location (an expand()ed or stride-0 "
-                                 f"tensor, strides {cache.stride()}): the new keys / values cannot be written into it")
-        # (Every tensor here is on one device: checked above.)
-        tensors = {tname: t for tname, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v),
-                                           ("q", q), ("cache_seqlens", lens)) if isinstance(t, Tensor)}
-        for written in ("k_cache", "v_cache"):
-            for read, t in tensors.items():
-                if read != written and (read, written) != ("k_cache", "v_cache") and _may_overlap(tensors[written], t):
-                    raise ValueError(f"{written} shares memory with {read}: writing the new keys / values "
-                                     "would overwrite what the call reads")
+    else:
+        uniform = None  # the rows' one length when they are all alike (known without tracing)
+        if not torch.compiler.is_compiling():
+            vals = lens.tolist()  # one small read-back
+            lo, hi = (min(vals), max(vals)) if batch else (0, 0)
+            if lo < 0 or hi + new > cache_len:
+                raise ValueError(f"cache_seqlens + seqlen_new must be in [0, cache_len = {cache_len}], got "
+                                 f"cache_seqlens in [{lo}, {hi}] and seqlen_new {new}")
+            uniform = lo if lo == hi else None
+    # What the kernels read: with an int length every row alike, so plain attention over the
+    # filled prefix (a view; the whole cache needs none); with a tensor the whole caches and
+    # each row's used length.
+    if isinstance(lens, int):
+        end, used = lens + new, None
+        k_read, v_read = (k_cache, v_cache) if end == cache_len else (k_cache[:, :end], v_cache[:, :end])
+    else:
+        k_read, v_read, used = k_cache, v_cache, (lens + new if new else lens)
+    # The attention's own checks and the backend choice (the prefixes have the caches' dtype,
+    # strides and alignment).
+    name, args = _prepare(q, k_read, v_read, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+                          deterministic=False, backend=backend, names=("q", "k_cache", "v_cache"), softcap=softcap,
+                          seqused_k=used)
     if k is not None and new:
-        if isinstance(lens, int):
-            k_cache[:, lens:lens + new] = k
-            v_cache[:, lens:lens + new] = v
+        if not torch.compiler.is_compiling():
+            _check_cache_writable(k_cache, v_cache, k, v, q, lens)
+        start = lens if isinstance(lens, int) else uniform
+        if start is not None:  # every row alike: one strided copy per cache
+            k_cache[:, start:start + new] = k
+            v_cache[:, start:start + new] = v
         else:  # row b's new keys go to its own offset
             rows = torch.arange(batch, device=q.device).view(batch, 1)
             cols = lens.view(batch, 1).long() + torch.arange(new, device=q.device).view(1, new)
             k_cache[rows, cols] = k
             v_cache[rows, cols] = v
-    if isinstance(lens, int):  # every row alike: plain attention over the filled prefix
-        k_cache, v_cache, used = k_cache[:, :lens + new], v_cache[:, :lens + new], None
-    else:
-        used = lens + new if new else lens
-    if used is not None:
-        args = dataclasses.replace(args, seqused_k=used)
-    out, lse, _ = _run(name, q, k_cache, v_cache, args, True)
+    out, lse, _ = _run(name, q, k_read, v_read, args, True)
     return (out, lse) if return_softmax_lse else out

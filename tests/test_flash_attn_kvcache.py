@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from phi_kernels import backend_status, flash_attn_with_kvcache
+from phi_kernels import backend_status, flash_attn_func, flash_attn_with_kvcache
 from phi_kernels.flash_attn import FlashAttnArgs
 from phi_kernels.reference import flash_attn_ref
 from tests.conftest import CUDA_KERNELS, DEVICE, kernel_backends
@@ -97,6 +97,78 @@ def test_cpu_decoding_split_over_keys(two_threads, dtype, window):
                                       causal=True, window_size=window, backend="cpu")
     err, plain = (out.double() - o64).abs().max().item(), (olo.double() - o64).abs().max().item()
     assert err <= 2 * plain + 1e-5, (err, plain)
+
+
+@pytest.fixture(params=["baseline", "avx2", "avx512"])
+def cpu_capability(request, monkeypatch):
+    """Each CPU capability this machine supports (PHI_KERNELS_CPU_CAPABILITY): the decoding kernel
+    keeps heads in the lanes of a register, 4, 8 or 16 of them."""
+    if not backend_status("cpu", "cpu").available:
+        pytest.skip("needs the CPU kernels")
+    supported = list(torch.ops.phi_kernels.cpu_capabilities())
+    if request.param not in supported:
+        pytest.skip(f"this CPU lacks {request.param} (it supports {', '.join(supported)})")
+    monkeypatch.setenv("PHI_KERNELS_CPU_CAPABILITY", request.param)
+    return request.param
+
+
+DECODE_LAYOUTS = [  # (heads, kv_heads, head_dim, seqlen_q, cache, window, softcap)
+    (32, 32, 64, 1, "dense", (-1, -1), 0.0),  # phi-1.5: compiled for head_dim 64, heads in whole registers
+    (16, 16, 128, 2, "rows apart", (-1, -1), 5.0),  # head_dim 128; k / v views of one (b, s, 2, h, d) buffer
+    (12, 4, 72, 3, "dense", (100, -1), 0.0),  # GQA, heads and head_dim not whole AVX-512 registers: any layout
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lens", [[130], [525], [9, 301]], ids=["130 keys", "525 keys", "2 rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", DECODE_LAYOUTS, ids=["h32d64", "h16d128 softcap", "gqa d72 window"])
+def test_cpu_decoding_kernel(cpu_capability, threads, lens, dtype, layout):
+    """The CPU decoding kernel against the fp64 oracle, on every capability: one task for all
+    heads (1 thread), the heads split between threads (130 keys) or the keys (525 keys, one
+    sequence: the parts' softmax states merged), rows of different lengths; query rows of 1 to
+    3; key counts that leave a tail of the 4-key passes."""
+    heads, kv_heads, d, sq, cache, window, softcap = layout
+    torch.manual_seed(0)
+    batch, cache_len = len(lens), max(lens) + 7
+    mk = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
+    q = mk(batch, sq, heads, d)
+    if cache == "dense":
+        k_cache, v_cache = mk(batch, cache_len, kv_heads, d), mk(batch, cache_len, kv_heads, d)
+    else:
+        kv = mk(batch, cache_len, 2, kv_heads, d)
+        k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+    _, _, o64, olo = _expected(q, k_cache, v_cache, None, None, lens, True, window, softcap, dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                                               causal=True, window_size=window, softcap=softcap,
+                                               return_softmax_lse=True, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    err, plain = (out.double() - o64).abs().max().item(), (olo.double() - o64).abs().max().item()
+    assert err <= 2 * plain + 1e-5, (err, plain)
+    lse64 = torch.cat([flash_attn_ref(q[b:b + 1].double(), k_cache[b:b + 1, :n].double(), v_cache[b:b + 1, :n].double(),
+                                      softmax_scale=1 / math.sqrt(d), window_size=(window[0], 0), softcap=softcap)[1]
+                       for b, n in enumerate(lens)])
+    torch.testing.assert_close(lse.double(), lse64, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_decoding_kernel_dropout(cpu_capability):
+    """flash_attn_func with a few query rows takes the decoding kernel too, dropout included:
+    the mask drawn from the seed is the oracle's."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 2, 32, 64), torch.randn(1, 90, 32, 64), torch.randn(1, 90, 32, 64)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = flash_attn_func(q, k, v, dropout_p=0.25, causal=True, backend="cpu")
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # what the API draws
+    ref = flash_attn_ref(q.double(), k.double(), v.double(), softmax_scale=1 / 8, window_size=(-1, 0), dropout_p=0.25,
+                         seed=seed)[0]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstring>
 #include <exception>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
@@ -100,9 +101,20 @@ float* thread_scratch(size_t floats) {
   return buffer.data();
 }
 
+// The split decoding step's partial records (Key_split), also kept across calls, on the thread
+// that calls the kernel (its workers fill them; thread_scratch holds its own task's arrays).
+float* split_partials(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 // Below this many multiply-adds a call runs on the calling thread: forking OpenMP workers
 // costs more than the work (a decoding step of a small model).
 constexpr double kParallelMacs = 1 << 20;
+// A decoding step costs a few ns per key and head, and threads pay sooner: measured on 2 threads
+// (AVX-512, 32 heads of 64), even at 32 keys, 64 keys 21 -> 16 us, 128 keys 46 -> 28 us.
+constexpr double kParallelDecodeMacs = 1 << 17;
 
 // The queries (relative to r0, within [0, m)) that see key `col`: [*begin, *end).
 inline void seeing_rows(const flash::Mask& mask, int col, int r0, int m, int* begin, int* end) {
@@ -520,6 +532,261 @@ void attend_rows(const Flash_params& p, int b, int h0, int nh, int r0, int rows,
   }
 }
 
+// --------------------------------------------------------------- decoding: heads in lanes
+//
+// A decoding step (seqlen_q <= kDirectRows) streams the cache key row by key row, as
+// attend_rows does, but keeps the task's heads in the lanes of a register: the scores of key j
+// are one row s[j][head], so the softmax's max, exp2 and sums are whole-register operations,
+// and the kVecFloats dot products of a key's heads end in one transposing reduction
+// (reduce_lanes: kVecFloats - 1 shuffle-and-add steps for kVecFloats dots) instead of a
+// horizontal sum, a scalar store and a kv-head division each. The output accumulates
+// kDecodeKeys keys per pass, so each head's output row is loaded and stored once per
+// kDecodeKeys keys, and the pass reads kDecodeKeys rows of V at once (more misses in flight:
+// one row at a time streamed at a fraction of the bandwidth once the cache left L2).
+//
+// Heads is kD > 0 for the common layout, compiled per head_dim: no GQA, each key row's heads
+// side by side (head stride = head_dim = kD) and whole registers of heads; then every head's
+// q and k sit at compile-time offsets from one pointer. (With offsets read from a table, GCC
+// kept them in vector registers and on the stack, and the scores cost 3x the multiply-adds.)
+// kD = 0 is any layout: offsets from a table, and lanes past the task's heads hold a zero
+// query whose pointers repeat the first head's (every load in bounds; never written out).
+
+constexpr int kDecodeKeys = 4;  // keys per pass over the outputs
+
+// Lane l of fold_pair's result reads lanes fold_lane(B, l) and fold_lane(B, l) + B of the pair
+// (x, y): every block of 2B lanes (one head's partial sums) is halved to B lanes, x's blocks
+// filling the low half of the result and y's the high half, so heads stay in order.
+constexpr int fold_lane(int B, int l) {
+  const int from_y = l >= kVecFloats / 2 ? 1 : 0;
+  const int m = l - from_y * (kVecFloats / 2);
+  return from_y * kVecFloats + m / B * 2 * B + m % B;
+}
+
+template <int B, int... L>
+inline VecN fold_pair(VecN x, VecN y, std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(x, y, fold_lane(B, L)...) + __builtin_shufflevector(x, y, (fold_lane(B, L) + B)...);
+}
+
+// Lane i of the result: the sum of the lanes of a[i], for the 2B registers a[0 .. 2B) (used as
+// scratch). Called with B = kVecFloats / 2.
+template <int B>
+inline VecN reduce_lanes(VecN* a) {
+  for (int i = 0; i < B; ++i) a[i] = fold_pair<B>(a[2 * i], a[2 * i + 1], std::make_integer_sequence<int, kVecFloats>{});
+  if constexpr (B == 1) {
+    return a[0];
+  } else {
+    return reduce_lanes<B / 2>(a);
+  }
+}
+
+// The first `count` (< kVecFloats) values at p as fp32, zeros after them (a head_dim tail).
+template <typename T>
+inline VecN load_partial(const T* p, int count) {
+  VecN v{};
+  for (int i = 0; i < count; ++i) v[i] = to_float(p[i]);
+  return v;
+}
+
+// A decoding task's working set: its heads' query rows, outputs and softmax statistics, and
+// one row of scores per key of its part.
+struct Decode_scratch {
+  float* q;            // lanes x dp: the query row of each head (fp32, zero-padded; zero past the heads)
+  float* o;            // lanes x dp: the unnormalized outputs
+  float* s;            // seqlen_k x lanes: scores in log2 units, then probabilities
+  float* max;          // lanes each: per head, over the row's keys
+  float* sum;
+  int64_t* k_offset;   // lanes each (kD = 0): a head's K / V elements from the start of a key row
+  int64_t* v_offset;
+
+  Decode_scratch(Carver&& c, int dp, int seqlen_k, int lanes)
+      : q(c.take(size_t(lanes) * dp)), o(c.take(size_t(lanes) * dp)), s(c.take(size_t(lanes) * std::max(seqlen_k, 1))),
+        max(c.take(lanes)), sum(c.take(lanes)), k_offset(reinterpret_cast<int64_t*>(c.take(2 * lanes))),
+        v_offset(reinterpret_cast<int64_t*>(c.take(2 * lanes))), floats(c.used()) {}
+  size_t floats;
+};
+
+// Element offset of head u of a task from its key row pointer: u * kD, or the table's.
+template <int kD>
+inline int64_t head_offset(const int64_t* table, int u) {
+  if constexpr (kD > 0) {
+    return int64_t(u) * kD;
+  } else {
+    return table[u];
+  }
+}
+
+// The scores q_u . k_u of one key for kVecFloats heads u (query rows at q, dp apart; keys at
+// krow + head_offset(u)), one head per lane.
+template <int kD, typename T>
+inline VecN head_dots(const float* q, int dp, const T* krow, const int64_t* table, int d) {
+  if constexpr (kD > 0) {
+    d = kD;
+    dp = kD;
+  }
+  // Head by head, each head's d elements in order: the key row is read front to back (a strided
+  // order, a register of every head in turn, left the prefetchers behind once the cache
+  // outgrew L3: kv2048 1.5x slower).
+  VecN acc[kVecFloats];
+  for (int u = 0; u < kVecFloats; ++u) {
+    const T* k = krow + head_offset<kD>(table, u);
+    VecN a{};
+    int c = 0;
+    for (; c + kVecFloats <= d; c += kVecFloats) a += load_vec(q + u * dp + c) * load_as_float(k + c);
+    if (c < d) a += load_vec(q + u * dp + c) * load_partial(k + c, d - c);  // head_dim not a whole register
+    acc[u] = a;
+  }
+  return reduce_lanes<kVecFloats / 2>(acc);
+}
+
+// o[c] += sum over i < K of pr[i] * vr[i][c], for c < d (K = kDecodeKeys, or 1 for the tail).
+template <int kD, int K, typename T>
+inline void add_scaled_rows(const float* pr, const T* const* vr, int d, float* o) {
+  if constexpr (kD > 0) d = kD;
+  int c = 0;
+  for (; c + kVecFloats <= d; c += kVecFloats) {
+    VecN acc = load_vec(o + c);
+    for (int i = 0; i < K; ++i) acc += pr[i] * load_as_float(vr[i] + c);
+    store_vec(o + c, acc);
+  }
+  if (c < d) {
+    VecN acc = load_vec(o + c);
+    for (int i = 0; i < K; ++i) acc += pr[i] * load_partial(vr[i] + c, d - c);
+    store_vec(o + c, acc);  // o is dp wide: the lanes past d stay 0
+  }
+}
+
+// Heads [h0, h0 + nh) of sequence b, every query row (seqlen_q <= kDirectRows), over the keys
+// of split's part: the results of attend_rows (flash_math.h's rules, exact two-pass softmax).
+template <typename T, int kD>
+void decode_rows(const Flash_params& p, int b, int h0, int nh, const Flash_seq& seq, int dp, const Decode_scratch& w,
+                 const Key_split& split) {
+  constexpr int W = kVecFloats;
+  const int d = kD > 0 ? kD : p.head_dim, lanes = round_up(nh, W);
+  if constexpr (kD > 0) dp = kD;
+  const flash::Mask mask = seq.mask(p);
+  int part_begin, part_end;
+  split.keys(seq.seqlen_k, &part_begin, &part_end);
+  // Key row pointers start at the task's first head (kD > 0) or at kv head 0 (the table's origin).
+  const int first_head = kD > 0 ? h0 : 0;
+  const T* k0 = static_cast<const T*>(p.k) + seq.k_offset(p, b, first_head, 0, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  const T* v0 = static_cast<const T*>(p.v) + seq.k_offset(p, b, first_head, 0, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  if constexpr (kD == 0) {
+    for (int u = 0; u < lanes; ++u) {  // (lanes past the heads read the first head's keys)
+      const int kvh = p.kv_head(h0 + (u < nh ? u : 0));
+      w.k_offset[u] = kvh * p.k_head_stride;
+      w.v_offset[u] = kvh * p.v_head_stride;
+    }
+  }
+  for (int row = 0; row < seq.seqlen_q; ++row) {
+    int jb, je;
+    mask.key_range(row, row + 1, &jb, &je);
+    jb = std::max(jb, part_begin);
+    je = std::min(je, part_end);
+    const int n = std::max(je - jb, 0);
+    for (int u = 0; u < lanes; ++u) {
+      float* q = w.q + size_t(u) * dp;
+      int c = 0;
+      if (u < nh) {
+        const T* qs = static_cast<const T*>(p.q) + seq.q_offset(p, b, h0 + u, row, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+        for (; c < d; ++c) q[c] = to_float(qs[c]);
+      }
+      std::fill(q + c, q + dp, 0.f);
+    }
+    std::fill(w.o, w.o + size_t(nh) * dp, 0.f);
+    // Scores in log2 units, a key row at a time, and each head's max (a NaN score does not move it).
+    for (int u = 0; u < lanes; u += W) store_vec(w.max + u, splat(-flash::kInf));
+    for (int j = 0; j < n; ++j) {
+      const T* krow = k0 + int64_t(jb + j) * p.k_row_stride;
+      float* sj = w.s + size_t(j) * lanes;
+      for (int u = 0; u < lanes; u += W) {
+        VecN x = head_dots<kD>(w.q + size_t(u) * dp, dp, kD > 0 ? krow + int64_t(u) * kD : krow, w.k_offset + u, d);
+        if (p.softcap > 0) {
+          for (int l = 0; l < W; ++l) x[l] = flash::apply_softcap(x[l] * p.scale, p.softcap);
+        } else {
+          x = x * p.scale;
+        }
+        x = x * flash::kLog2e;
+        store_vec(sj + u, x);
+        const VecN m = load_vec(w.max + u);
+        store_vec(w.max + u, x > m ? x : m);
+      }
+    }
+    // flash_math.h's OnlineSoftmax over the whole row at once: probabilities and their sums.
+    for (int u = 0; u < lanes; u += W) {
+      const VecN max = load_vec(w.max + u);
+      VecN sum{};
+      for (int j = 0; j < n; ++j) {
+        float* sj = w.s + size_t(j) * lanes + u;
+        const VecN x = load_vec(sj);
+        const VecN prob = x == -flash::kInf ? VecN{} : exp2_nonpositive(x - max);
+        sum += prob;
+        store_vec(sj, prob);
+      }
+      store_vec(w.sum + u, sum);
+    }
+    if (p.dropout.enabled()) {  // the sums above are of the undropped probabilities
+      for (int u = 0; u < nh; ++u) {
+        const uint32_t hash = p.dropout.row_hash(uint32_t(b * p.heads + h0 + u), uint32_t(row));
+        for (int j = 0; j < n; ++j) {
+          float& s = w.s[size_t(j) * lanes + u];
+          s = p.dropout.keep(hash, uint32_t(jb + j)) ? s * p.dropout.scale : 0.f;
+        }
+      }
+    }
+    // O += P V, kDecodeKeys key rows per pass (their heads side by side, as the cache holds them).
+    int j = 0;
+    for (; j + kDecodeKeys <= n; j += kDecodeKeys) {
+      const T* vrows[kDecodeKeys];
+      for (int i = 0; i < kDecodeKeys; ++i) vrows[i] = v0 + int64_t(jb + j + i) * p.v_row_stride;
+      const float* pj = w.s + size_t(j) * lanes;
+      for (int u = 0; u < nh; ++u) {
+        float pr[kDecodeKeys];
+        const T* vr[kDecodeKeys];
+        for (int i = 0; i < kDecodeKeys; ++i) {
+          pr[i] = pj[size_t(i) * lanes + u];
+          vr[i] = vrows[i] + head_offset<kD>(w.v_offset, u);
+        }
+        add_scaled_rows<kD, kDecodeKeys>(pr, vr, d, w.o + size_t(u) * dp);
+      }
+    }
+    for (; j < n; ++j) {
+      const T* vrow = v0 + int64_t(jb + j) * p.v_row_stride;
+      for (int u = 0; u < nh; ++u) {
+        const T* vr = vrow + head_offset<kD>(w.v_offset, u);
+        add_scaled_rows<kD, 1>(w.s + size_t(j) * lanes + u, &vr, d, w.o + size_t(u) * dp);
+      }
+    }
+    if (split.partials != nullptr) {  // this part's (max, sum, unnormalized output), merged later
+      for (int u = 0; u < nh; ++u) {
+        float* out = split.at(p, b, h0 + u, row);
+        out[0] = w.max[u];
+        out[1] = w.sum[u];
+        std::copy(w.o + size_t(u) * dp, w.o + size_t(u) * dp + d, out + 2);
+      }
+      continue;
+    }
+    for (int u = 0; u < nh; ++u) {  // a row that sees no key: output 0, LSE +inf
+      const flash::OnlineSoftmax stats = n > 0 ? flash::OnlineSoftmax{w.max[u], w.sum[u]} : flash::OnlineSoftmax{};
+      const float inv = stats.inv_sum();
+      T* dst = static_cast<T*>(p.out) + seq.q_offset(p, b, h0 + u, row, p.out_batch_stride, p.out_row_stride, p.out_head_stride);
+      const float* o = w.o + size_t(u) * dp;
+      for (int c = 0; c < d; ++c) dst[c] = from_float<T>(o[c] * inv);
+      p.lse[seq.lse_index(p, b, h0 + u, row)] = stats.lse();
+    }
+  }
+}
+
+// decode_rows compiled for this call's head_dim when the layout allows (see above).
+template <typename T>
+void decode_task(const Flash_params& p, int b, int h0, int nh, const Flash_seq& seq, int dp, const Decode_scratch& w,
+                 const Key_split& split) {
+  const int d = p.head_dim;
+  const bool side_by_side = p.kv_heads == p.heads && p.k_head_stride == d && p.v_head_stride == d && nh % kVecFloats == 0;
+  if (side_by_side && d == 64) return decode_rows<T, 64>(p, b, h0, nh, seq, dp, w, split);
+  if (side_by_side && d == 128) return decode_rows<T, 128>(p, b, h0, nh, seq, dp, w, split);
+  decode_rows<T, 0>(p, b, h0, nh, seq, dp, w, split);
+}
+
 // out and LSE of head h's rows of sequence b from the parts' records: flash_math.h's
 // OnlineSoftmax::rescale applied to whole parts (a part that saw no key has max -inf, sum 0).
 template <typename T>
@@ -555,22 +822,24 @@ void forward_typed(const Flash_params& p) {
   const double macs = 2.0 * p.batch * p.heads * double(p.seqlen_q) * p.seqlen_k * dp;
   // A decoding step: tasks of decode_heads heads; otherwise tasks of kBlockM query rows of a head.
   const bool decoding = p.seqlen_q <= kDirectRows;
-  const bool parallel = macs > kParallelMacs;
+  const bool parallel = macs > (decoding ? kParallelDecodeMacs : kParallelMacs);
   const int threads = parallel ? omp_get_max_threads() : 1;
   // Threads beyond one per sequence split a decoding step's keys (long caches) or else its heads.
   const int spare = decoding ? std::max(1, threads / p.batch) : 1;
   const int key_parts = std::max(1, std::min(spare, p.seqlen_k / kMinPartKeys));
   const int head_chunks = key_parts > 1 ? 1 : std::max(1, std::min(spare, p.heads));  // per sequence
-  const int decode_heads = (p.heads + head_chunks - 1) / head_chunks;
+  int decode_heads = (p.heads + head_chunks - 1) / head_chunks;
+  if (p.heads % kVecFloats == 0) decode_heads = round_up(decode_heads, kVecFloats);  // whole registers of heads
   const int head_tasks = decoding ? (p.heads + decode_heads - 1) / decode_heads : p.heads;
   // Long sequences with heads enough for every thread: one task per head, K and V packed once
   // for all its query blocks (pack_keys); otherwise one task per block of query rows.
   const bool pack = !decoding && p.seqlen_k >= kPackKeys && p.batch * p.heads >= 2 * threads;
   const int packed_keys = pack ? p.seqlen_k : 0;
-  const size_t scratch_floats =
-      Fwd_scratch(Carver(nullptr), dp, p.seqlen_k, decoding ? decode_heads : 1, packed_keys).floats;
+  const int decode_lanes = round_up(decode_heads, kVecFloats);
+  const size_t scratch_floats = decoding ? Decode_scratch(Carver(nullptr), dp, p.seqlen_k, decode_lanes).floats
+                                         : Fwd_scratch(Carver(nullptr), dp, p.seqlen_k, 1, packed_keys).floats;
   const int m_blocks = decoding ? key_parts : pack ? 1 : (p.seqlen_q + kBlockM - 1) / kBlockM;
-  std::vector<float> partials(key_parts > 1 ? size_t(p.batch) * key_parts * p.heads * kDirectRows * (2 + d) : 0);
+  float* partials = key_parts > 1 ? split_partials(size_t(p.batch) * key_parts * p.heads * kDirectRows * (2 + d)) : nullptr;
   Region_errors errors;
   #pragma omp parallel if (parallel)
   {
@@ -579,9 +848,14 @@ void forward_typed(const Flash_params& p) {
       for (int ht = 0; ht < head_tasks; ++ht) {
         for (int mb = 0; mb < m_blocks; ++mb) {
           errors.run([&] {
-            const Fwd_scratch w(Carver(thread_scratch(scratch_floats)), dp, p.seqlen_k, decoding ? decode_heads : 1,
-                                packed_keys);
             const Flash_seq seq = Flash_seq::of(p, b);
+            if (decoding) {
+              const Decode_scratch w(Carver(thread_scratch(scratch_floats)), dp, p.seqlen_k, decode_lanes);
+              const int h0 = ht * decode_heads;
+              decode_task<T>(p, b, h0, std::min(decode_heads, p.heads - h0), seq, dp, w, Key_split{mb, key_parts, d, partials});
+              return;
+            }
+            const Fwd_scratch w(Carver(thread_scratch(scratch_floats)), dp, p.seqlen_k, 1, packed_keys);
             if (pack) {
               for (int r0 = 0; r0 < seq.seqlen_q; r0 += kBlockM) {
                 const int rows = std::min(kBlockM, seq.seqlen_q - r0);
@@ -593,12 +867,6 @@ void forward_typed(const Flash_params& p) {
                 if (r0 == 0) pack_keys<T>(p, qb, w);
                 forward_tiles<T>(p, qb, w, true);
               }
-              return;
-            }
-            if (decoding) {
-              const int h0 = ht * decode_heads;
-              const Key_split split{mb, key_parts, d, key_parts > 1 ? partials.data() : nullptr};
-              attend_rows<T>(p, b, h0, std::min(decode_heads, p.heads - h0), 0, seq.seqlen_q, seq, dp, w, split);
               return;
             }
             const int r0 = mb * kBlockM;
@@ -615,7 +883,7 @@ void forward_typed(const Flash_params& p) {
       #pragma omp for collapse(2) schedule(static)
       for (int b = 0; b < p.batch; ++b) {
         for (int h = 0; h < p.heads; ++h) {
-          errors.run([&] { merge_parts<T>(p, b, h, Key_split{0, key_parts, d, partials.data()}); });
+          errors.run([&] { merge_parts<T>(p, b, h, Key_split{0, key_parts, d, partials}); });
         }
       }
     }
