@@ -64,7 +64,7 @@ def _ran_kernel(fn) -> tuple[torch.Tensor, bool]:
 
 # (rows, N, K): K = 1 and K off every vector width (4, 8, 16), N = 1 and N off every panel size
 # (8, 16, 24 rows), every row count from 1 to MAX_KERNEL_ROWS (tiles of 4, 2 and 1 row), and
-# two products big enough for the OpenMP team (>= 4M multiply-adds).
+# two products big enough for the OpenMP team (>= 1M multiply-adds).
 SHAPES = ([(1, 1, 1), (1, 5, 1), (3, 1, 7), (2, 33, 37), (1, 8192 // 64, 256), (4, 49, 300), (5, 24, 16),
            (7, 17, 129), (1, 1, 1000)]
           + [(m, 37, 45) for m in range(1, MAX_KERNEL_ROWS + 1)]

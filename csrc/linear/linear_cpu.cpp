@@ -56,12 +56,13 @@ constexpr int block_rows() {
 }
 // Weight rows per panel: whole blocks for every tile height.
 constexpr int kPanelRows = std::lcm(std::lcm(block_rows<1>(), block_rows<2>()), block_rows<4>());
-// From this many multiply-adds a call uses the OpenMP team: 4M, a 16 MiB fp32 weight for one row
-// (phi-1.5's projections qualify, none of phi tiny's decoding shapes do, its 8 MiB lm_head
-// included). Measured on a 2-core AMD EPYC shared with other work: a 2-thread region whose
-// second thread gets descheduled waits ~8 ms for it, against ~150 us for that lm_head on one
-// thread (~75 us on two when both cores are free).
-constexpr double kParallelMacs = double(1 << 22);
+// From this many multiply-adds a call uses the OpenMP team: 1M, a 4 MiB fp32 weight for one row
+// (phi-1.5's projections and phi tiny's 8 MiB lm_head qualify, its layers' 1 MiB weights do
+// not). Measured on a 2-core AMD EPYC: phi tiny's lm_head takes ~150 us on one thread, ~75 us on
+// two when both cores are free, and greedy decoding went from 1.6-1.7x to 2.0x transformers'
+// generate with this threshold instead of 4M. The price, as for every torch op that forks: on a
+// machine whose other core is busy, a 2-thread region can wait ~8 ms for its descheduled thread.
+constexpr double kParallelMacs = double(1 << 20);
 
 // One register of fp32, unaligned, allowed to alias anything (plain vector moves).
 typedef float VecN __attribute__((vector_size(4 * kVecFloats), aligned(4), may_alias));
