@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/cpu_lane_sum.h"
 #include "common/cpu_types.h"
 
 // kVecFloats: fp32 lanes of one register (AVX-512 16, AVX2 8, SSE 4). kGemmRows: rows of the
@@ -56,30 +57,6 @@ inline VecN load_as_float(const T* p) {
     for (int i = 0; i < kVecFloats; ++i) v[i] = to_float(p[i]);
     return v;
   }
-}
-
-typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));
-typedef float Vec4 __attribute__((vector_size(16), aligned(4), may_alias));
-typedef float Vec2 __attribute__((vector_size(8), aligned(4), may_alias));
-
-// The sum of a register's lanes, as a tree of half-width adds (log2 lanes steps; a lane-by-lane
-// loop compiles to a serial chain of kVecFloats shuffles and adds).
-template <typename V>
-inline float lane_sum(V v) {
-  constexpr int kLanes = sizeof(V) / sizeof(float);
-  Vec4 s4;
-  if constexpr (kLanes == 16) {
-    const Vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-  } else if constexpr (kLanes == 8) {
-    s4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  } else {
-    static_assert(kLanes == 4, "a register of 4, 8 or 16 floats");
-    s4 = __builtin_shufflevector(v, v, 0, 1, 2, 3);
-  }
-  const Vec2 s2 = __builtin_shufflevector(s4, s4, 0, 1) + __builtin_shufflevector(s4, s4, 2, 3);
-  return s2[0] + s2[1];
 }
 
 // 2^x for x <= 0 (scores relative to the row max), a register at a time. Written with vector

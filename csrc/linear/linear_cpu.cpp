@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_lane_sum.h"
 #include "common/cpu_types.h"
 #include "linear/linear.h"
 #include "linear/linear_launch.h"
@@ -68,9 +69,6 @@ constexpr double kParallelMacs = double(1 << 20);
 typedef float VecN __attribute__((vector_size(4 * kVecFloats), aligned(4), may_alias));
 typedef uint16_t U16N __attribute__((vector_size(2 * kVecFloats), aligned(2), may_alias));
 typedef uint32_t U32N __attribute__((vector_size(4 * kVecFloats)));
-typedef float Vec8 __attribute__((vector_size(32)));
-typedef float Vec4 __attribute__((vector_size(16)));
-typedef float Vec2 __attribute__((vector_size(8)));
 
 inline VecN load_vec(const float* p) { return *reinterpret_cast<const VecN*>(p); }
 
@@ -109,25 +107,6 @@ inline VecN load_as_float(const T* p) {
   }
 }
 
-// The sum of a register's lanes, as a tree of half-width adds (a template so that only the
-// branch of this build's width is instantiated).
-template <typename V>
-inline float lane_sum(V v) {
-  constexpr int kLanes = sizeof(V) / sizeof(float);
-  Vec4 s4;
-  if constexpr (kLanes == 16) {
-    const Vec8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-  } else if constexpr (kLanes == 8) {
-    s4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  } else {
-    static_assert(kLanes == 4, "a register of 4, 8 or 16 floats");
-    s4 = v;
-  }
-  const Vec2 s2 = __builtin_shufflevector(s4, s4, 0, 1) + __builtin_shufflevector(s4, s4, 2, 3);
-  return s2[0] + s2[1];
-}
 
 // What every block of one call reads: x as fp32 rows, W, bias and out.
 template <typename T>
