@@ -268,7 +268,11 @@ class PhiForCausalLM(nn.Module):
         else:
             positions = cache_pos + t
         x = self.model.embed_dropout(self.model.embed_tokens(input_ids))  # (B, T, C)
-        cos, sin = self.rope(positions, x.device, x.dtype)
+        # Under torch.autocast the projections make q and k in the autocast dtype, not x's (the
+        # embedding's): the rotary tables must match them, as Hugging Face's Phi casts its cos/sin.
+        dev = x.device.type
+        rope_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        cos, sin = self.rope(positions, x.device, rope_dtype)
         rows, cu, max_len = (None, None, 0)
         if eos_token_id is not None and caches is not None:
             raise ValueError("eos_token_id (document-aware attention) is for training, not with caches")

@@ -48,6 +48,27 @@ def test_hf_checkpoint_loads_with_matching_logits_loss_and_grads(shape, tmp_path
         torch.testing.assert_close(ours_grads[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_autocast_bf16_matches_hf(tmp_path):
+    """Under torch.autocast the projections give bf16 q/k while the embedding stays fp32: the
+    rotary tables must follow q's dtype (this raised "cos must have x's dtype" before)."""
+    hf = _hf_model("phi-1.5-like")
+    hf.save_pretrained(tmp_path)
+    ours = PhiForCausalLM.from_pretrained(str(tmp_path)).eval()
+    x = torch.randint(0, 311, (2, 33))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_hf = ours(x, labels=x), hf(x, labels=x)
+    assert out.logits.dtype == out_hf.logits.dtype == torch.bfloat16
+    # bf16 rounds at 2^-8 relative: the two stacks round in different places (fused loss, attention).
+    torch.testing.assert_close(out.logits.float(), out_hf.logits.float(), atol=3e-2, rtol=3e-2)
+    assert abs(out.loss.item() - out_hf.loss.item()) < 1e-2
+    out.loss.backward()
+    out_hf.loss.backward()
+    ours_grads = dict(ours.named_parameters())
+    for name, p in hf.named_parameters():
+        scale = p.grad.abs().max().item()
+        assert (ours_grads[name].grad - p.grad).abs().max().item() <= 0.05 * scale + 1e-6, name
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_our_checkpoint_loads_in_hf(shape, tmp_path):
     cfg = PhiConfig(vocab_size=311, intermediate_size=256, num_hidden_layers=2, max_position_embeddings=128,
