@@ -5,6 +5,7 @@ against the reference, so no ISA path rots on a machine that would never pick it
 the machine lacks is skipped with the reason."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -86,24 +87,47 @@ def test_best_capability_by_default_and_refusals(monkeypatch):
             apply_rotary(torch.randn(1, 4, 1, 64), *rotary_cos_sin(4, 32), backend="cpu")
 
 
+# An AVX (VEX) or AVX-512 (EVEX) instruction: a ymm/zmm/mask register, or a v-prefixed mnemonic
+# (vmovss and the like use xmm only). verr/verw are old system instructions, not AVX.
+_WIDE = re.compile(r"%[yz]mm|%k[1-7]\b|^\s*[0-9a-f]+:\s+v(?!err|erw)[a-z]", re.M)
+
+
+def _functions(path: str) -> list[tuple[str, str]]:
+    """(mangled name, disassembly) of every function in a shared library."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
+                         check=True).stdout
+    blocks = re.split(r"\n(?=[0-9a-f]+ <)", out)
+    return [(m.group(1), b) for b in blocks if (m := re.match(r"[0-9a-f]+ <([^>]+)>:", b))]
+
+
 def test_extension_is_not_built_for_the_build_machine_only():
     """Outside csrc/cpu_isa's AVX2 / AVX-512 wrappers, nothing is compiled beyond the x86-64
-    baseline: the glue has no AVX instructions, so the extension loads on any x86-64 CPU."""
-    import re
+    baseline, so the extension loads and runs on any x86-64 CPU. Two checks on the built library:
+    - the op bindings (glue) have no AVX instruction;
+    - every function another object file could bind to (external or weak linkage, `nm` T/W) that
+      holds an AVX / AVX-512 instruction is a per-ISA entry point (..._avx2 / ..._avx512), which
+      only the cpuid dispatch calls. This is the hazard of per-file ISA flags: an inline function
+      or template instantiated in a wide file is a weak symbol, and the linker may keep the wide
+      copy for every caller, baseline ones included (an illegal instruction on an older CPU)."""
     import shutil
 
     import phi_kernels._C as ext
 
-    objdump = shutil.which("objdump")
-    if objdump is None:
-        pytest.skip("needs objdump")
-    # Functions of the glue that must be baseline code (the op bindings of every op).
-    out = subprocess.run([objdump, "-d", "--no-show-raw-insn", ext.__file__], capture_output=True, text=True,
-                         check=True).stdout
-    blocks = re.split(r"\n(?=[0-9a-f]+ <)", out)
-    glue = [b for b in blocks if re.match(r"[0-9a-f]+ <_ZN3phi12_GLOBAL__N_1\d+(rotary_kernel_cpu|adam_step_cpu|"
-                                          r"flash_attn_fwd_cpu)", b)]
+    if shutil.which("objdump") is None or shutil.which("nm") is None:
+        pytest.skip("needs objdump and nm (binutils)")
+    functions = _functions(ext.__file__)
+    glue = [b for name, b in functions
+            if re.match(r"_ZN3phi12_GLOBAL__N_1\d+(rotary_kernel_cpu|adam_step_cpu|flash_attn_fwd_cpu)", name)]
     assert glue, "glue functions not found in the symbol table"
     for b in glue:
-        assert not re.search(r"%[yz]mm", b), b.splitlines()[0]
+        assert not _WIDE.search(b), b.splitlines()[0]
+
+    symbols = subprocess.run(["nm", ext.__file__], capture_output=True, text=True, check=True).stdout
+    binding = {f[2]: f[1] for f in (line.split() for line in symbols.splitlines()) if len(f) == 3}
+    wide = [name for name, b in functions if _WIDE.search(b)]
+    assert any(n.endswith("_avx512ERKNS_13Flash_paramsE") or "avx512" in n for n in wide), \
+        "no AVX-512 kernel found: the scan is not seeing the per-ISA code"
+    exported = [n for n in wide if binding.get(n) in ("T", "W", "V", "i")]
+    leaked = [n for n in exported if not re.search(r"_avx2|_avx512", n)]
+    assert not leaked, f"wide code any caller may bind to, outside the per-ISA entry points: {leaked[:5]}"
     assert sys.platform == "linux"
