@@ -13,12 +13,8 @@ from phi_kernels._backends import (
     backend_status,
 )
 from phi_kernels.adam import FusedAdam
-from phi_kernels.flash_attn import (
-    flash_attn_func,
-    flash_attn_qkvpacked_func,
-    flash_attn_varlen_func,
-    flash_attn_with_kvcache,
-)
+from phi_kernels.flash_attn import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
+from phi_kernels.flash_attn_kvcache import flash_attn_with_kvcache
 from phi_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from phi_kernels.linear import linear
 from phi_kernels.rotary import apply_rotary, apply_rotary_qkv, rotary_cos_sin
