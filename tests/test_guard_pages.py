@@ -13,31 +13,13 @@ import textwrap
 import pytest
 
 from phi_kernels import backend_status
+from tests.guard_pages import GUARDED_PREAMBLE
 
 pytestmark = pytest.mark.skipif(not backend_status("cpu", "cpu").available or sys.platform != "linux",
                                 reason="needs the CPU kernels on Linux (mmap / mprotect)")
 
-SCRIPT = textwrap.dedent(r'''
-    import ctypes, mmap, torch
+SCRIPT = GUARDED_PREAMBLE + textwrap.dedent(r'''
     from phi_kernels import FusedAdam, apply_rotary, flash_attn_func, flash_attn_varlen_func, rotary_cos_sin
-
-    PAGE = mmap.PAGESIZE
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    keep = []
-
-    def guarded(t):
-        """A copy of t in its own mapping, flush against a guard page at both ends."""
-        nbytes = t.numel() * t.element_size()
-        body = (nbytes + PAGE - 1) // PAGE * PAGE
-        mm = mmap.mmap(-1, body + 2 * PAGE)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-        assert libc.mprotect(base, PAGE, 0) == 0 and libc.mprotect(base + PAGE + body, PAGE, 0) == 0
-        keep.append(mm)
-        offset = PAGE + body - nbytes  # the tensor's last byte is the last byte before the guard
-        out = torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=offset).view(t.shape)
-        out.copy_(t)
-        return out
 
     torch.manual_seed(0)
     # Rotary: in place and out of place, dense and packed, tails that end at the guard.
@@ -110,7 +92,7 @@ def test_cpu_kernels_stay_inside_their_tensors():
 
 def test_the_guard_pages_fault():
     """The harness itself: reading one byte past a guarded tensor kills the process."""
-    code = SCRIPT.split("torch.manual_seed(0)")[0] + textwrap.dedent('''
+    code = GUARDED_PREAMBLE + textwrap.dedent('''
         t = guarded(torch.randn(1000))
         print("reading past the end", flush=True)
         ctypes.string_at(t.data_ptr() + t.numel() * 4, 1)

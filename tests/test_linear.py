@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from phi_kernels import BackendUnavailableError, backend_status, linear
 from phi_kernels.linear import MAX_KERNEL_ROWS
 from tests.conftest import subprocess_env
+from tests.guard_pages import GUARDED_PREAMBLE
 
 _linear_module = sys.modules["phi_kernels.linear"]
 HAVE_CPU_KERNEL = backend_status("cpu", "cpu").available
@@ -101,26 +102,10 @@ def test_every_cpu_capability(capability, dtype):
         _assert_rounding_close(linear(x, w, b, backend="cpu"), x, w, b)
 
 
-GUARD_SCRIPT = textwrap.dedent(r"""
-    import ctypes, mmap, os, torch
+GUARD_SCRIPT = GUARDED_PREAMBLE + textwrap.dedent(r"""
+    import os
     import torch.nn.functional as F
     import phi_kernels
-
-    PAGE = mmap.PAGESIZE
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    keep = []
-
-    def guarded(t):  # a copy of t in its own mapping, its last byte the last before a PROT_NONE page
-        nbytes = t.numel() * t.element_size()
-        body = (nbytes + PAGE - 1) // PAGE * PAGE
-        mm = mmap.mmap(-1, body + 2 * PAGE)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-        assert libc.mprotect(base, PAGE, 0) == 0 and libc.mprotect(base + PAGE + body, PAGE, 0) == 0
-        keep.append(mm)
-        out = torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=PAGE + body - nbytes).view(t.shape)
-        out.copy_(t)
-        return out
 
     op = torch.ops.phi_kernels.linear_out.default
     for cap in torch.ops.phi_kernels.cpu_capabilities():
