@@ -315,9 +315,13 @@ class PhiForCausalLM(nn.Module):
     # ------------------------------------------------------------------ helpers
 
     def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        """One KVCache per layer, in the dtype the projections produce k and v in: the weights'
+        dtype, or torch.autocast's when it is on here (then decode under that same autocast)."""
         p = self.lm_head.weight
         cfg = self.config
-        return [KVCache(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, p.dtype, p.device)
+        dev = p.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else p.dtype
+        return [KVCache(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype, p.device)
                 for _ in range(cfg.num_hidden_layers)]
 
     def num_params(self) -> int:

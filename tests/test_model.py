@@ -194,6 +194,29 @@ def test_cached_generation_equals_uncached_greedy():
     assert sampled[0] != generate(model, prompts[0], 10, temperature=0.9, seed=6)[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cached_decoding_under_autocast(dtype):
+    """Under torch.autocast k and v come out of the projections in the autocast dtype: the caches
+    are made in it (generate raised "k and v must have the caches' dtype" before), and a cached
+    decoding step gives the logits of the whole sequence run again, to the autocast dtype's
+    rounding."""
+    model = _tiny_model()
+    prompts = [[5, 17, 3, 88], [9, 60]]
+    with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+        caches = model.new_caches(2, 8)
+        assert all(c.k.dtype == c.v.dtype == dtype for c in caches)
+        ids = torch.tensor([prompts[0], prompts[1] + [0, 0]])
+        model(ids, caches=caches, cache_pos=0)  # prefill, right-padded
+        nxt = torch.tensor([[7], [11]])
+        pos = torch.tensor([4, 2], dtype=torch.int32)
+        step = model(nxt, caches=caches, cache_pos=pos).logits[:, -1].float()
+        for i, p in enumerate(prompts):
+            full = model(torch.tensor([p + [int(nxt[i])]])).logits[0, -1].float()
+            torch.testing.assert_close(step[i], full, atol=0.05 * full.abs().max().item(), rtol=0.05)
+        out = generate(model, prompts, 6)
+    assert [len(o) for o in out] == [6, 6]
+
+
 def test_batched_generation_stops_each_row_at_its_own_eos():
     model = _tiny_model()
     prompts = [[5, 17, 3, 88, 40, 41], [9, 60], [1, 2, 3]]
