@@ -216,6 +216,28 @@ def test_from_pretrained_with_attn_implementation_phi_kernels(tmp_path):
                                base.eval()(x, attention_mask=mask).logits[real], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["phi-hd64", "llama-hd64"])
+def test_attn_implementation_under_autocast_matches_sdpa(arch, tmp_path):
+    """Under torch.autocast transformers' rotary leaves q and k in fp32 and v in bf16: the
+    attention runs in bf16 as SDPA does there (it raised "q, k, v must share a dtype")."""
+    base, _, _ = _pair(arch)
+    base.save_pretrained(tmp_path)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="phi_kernels")
+    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    x = torch.randint(0, VOCAB, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = ours(x, labels=x), sdpa(x, labels=x)
+        out.loss.backward()
+        with torch.no_grad():
+            generated = ours.generate(x[:1, :6], max_new_tokens=4, do_sample=False)
+    assert out.logits.dtype == ref.logits.dtype
+    scale = ref.logits.float().abs().max().item()
+    torch.testing.assert_close(out.logits.float(), ref.logits.float(), atol=0.03 * scale, rtol=0.03)
+    assert abs(out.loss.item() - ref.loss.item()) < 0.02 * ref.loss.item()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters() if p.requires_grad)
+    assert generated.shape == (1, 10)
+
+
 def test_class_patch_applies_to_new_models_and_reverts():
     original_rotary, original_forward = modeling_llama.apply_rotary_pos_emb, LlamaForCausalLM.forward
     _, cfg, _ = _llama(64)

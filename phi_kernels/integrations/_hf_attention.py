@@ -26,7 +26,8 @@ returns (B, Tq, H, D):
 
 causal from `is_causal` (else the module's, else True; False when config.is_causal is False),
 sliding_window w as window_size (w - 1, w - 1) like flash_attention_2, softcap, scaling,
-dropout in training. As for flash_attention_2, the window is the one the attention call passes
+dropout in training; under torch.autocast, q, k and v in the autocast dtype (as SDPA casts them
+there). As for flash_attention_2, the window is the one the attention call passes
 (sliding_window=...); the mask side only checks that the mask's pattern is one of the above. Varlen metadata costs one small host read-back per forward: it is kept
 for the mask (or position_ids) tensor it came from and reused by every later layer.
 """
@@ -217,6 +218,13 @@ def phi_kernels_attention_forward(module: torch.nn.Module, query: Tensor, key: T
     options = dict(dropout_p=dropout, softmax_scale=scaling, causal=bool(causal), window_size=window,
                    softcap=float(softcap or 0.0))
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, heads, D)
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        # Under autocast transformers' rotary leaves q and k in fp32 while v comes from its
+        # projection in the autocast dtype. The attention runs in the autocast dtype, as SDPA
+        # does under autocast and transformers' flash_attention_2 path casts to.
+        dtype = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     plan = None
     if attention_mask is not None:
         windowed = window != (-1, -1)
