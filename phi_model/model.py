@@ -83,6 +83,12 @@ def _check_attention_mask(mask, input_ids: Tensor, caches) -> Tensor:
     return mask.bool()
 
 
+def _projection_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Linear layers produce from `dtype` inputs on `device`: torch.autocast's when
+    it is on there (q, k and v then come out in it), else `dtype` itself."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+
+
 def _check_logits_at(logits_at, input_ids: Tensor, labels) -> None:
     b, t = input_ids.shape
     if labels is not None:
@@ -268,11 +274,8 @@ class PhiForCausalLM(nn.Module):
         else:
             positions = cache_pos + t
         x = self.model.embed_dropout(self.model.embed_tokens(input_ids))  # (B, T, C)
-        # Under torch.autocast the projections make q and k in the autocast dtype, not x's (the
-        # embedding's): the rotary tables must match them, as Hugging Face's Phi casts its cos/sin.
-        dev = x.device.type
-        rope_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        cos, sin = self.rope(positions, x.device, rope_dtype)
+        # The rotary tables in q and k's dtype, as Hugging Face's Phi casts its cos/sin.
+        cos, sin = self.rope(positions, x.device, _projection_dtype(x.device, x.dtype))
         rows, cu, max_len = (None, None, 0)
         if eos_token_id is not None and caches is not None:
             raise ValueError("eos_token_id (document-aware attention) is for training, not with caches")
@@ -319,8 +322,7 @@ class PhiForCausalLM(nn.Module):
         dtype, or torch.autocast's when it is on here (then decode under that same autocast)."""
         p = self.lm_head.weight
         cfg = self.config
-        dev = p.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else p.dtype
+        dtype = _projection_dtype(p.device, p.dtype)
         return [KVCache(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype, p.device)
                 for _ in range(cfg.num_hidden_layers)]
 

@@ -42,6 +42,15 @@ inline size_t span_bytes(const at::Tensor& t) {
   return size_t(last + 1) * t.element_size();
 }
 
+// Whether a and b share storage and their byte ranges [first element, last element] meet (what
+// an out-variant op refuses between what it writes and what it reads).
+inline bool bytes_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  const char* a0 = static_cast<const char*>(a.data_ptr());
+  const char* b0 = static_cast<const char*>(b.data_ptr());
+  return a0 < b0 + span_bytes(b) && b0 < a0 + span_bytes(a);
+}
+
 // The data pointer a kernel receives for `t` (named for the emulator's messages).
 inline void* device_ptr(const at::Tensor& t, const char* name) {
 #ifdef PHI_SIMT

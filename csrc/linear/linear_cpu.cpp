@@ -49,7 +49,6 @@ namespace phi {
 namespace {
 
 constexpr int kVecFloats = PHI_LINEAR_VEC_FLOATS;
-constexpr int kMaxTileRows = 4;  // rows of x per tile: 4, then 2, then 1
 
 template <int Mt>
 constexpr int block_rows() {

@@ -15,14 +15,6 @@
 namespace phi {
 namespace {
 
-// Whether a and b share storage and their byte ranges [first element, last element] meet.
-bool linear_bytes_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
-  const char* a0 = static_cast<const char*>(a.data_ptr());
-  const char* b0 = static_cast<const char*>(b.data_ptr());
-  return a0 < b0 + span_bytes(b) && b0 < a0 + span_bytes(a);
-}
-
 // x (..., in_features) and out (..., out_features) are seen as (rows, features) matrices (a
 // view when x's leading dims allow it, else a copy; likewise a copy when x is strided along its
 // last dim, and for a strided bias), so the Python side hands its tensors over as they are.
@@ -46,14 +38,14 @@ void linear_out_cpu(const at::Tensor& x_in, const at::Tensor& weight, const std:
   TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "out must have shape ", at::IntArrayRef(out_shape), ", got ",
               out.sizes());
   TORCH_CHECK(out.is_contiguous(), "out must be contiguous, got strides ", out.strides());
-  TORCH_CHECK(!linear_bytes_overlap(out, x_in) && !linear_bytes_overlap(out, weight), "out overlaps x or weight");
+  TORCH_CHECK(!bytes_overlap(out, x_in) && !bytes_overlap(out, weight), "out overlaps x or weight");
   std::optional<at::Tensor> bias;
   if (bias_in.has_value()) {
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == n, "bias must have shape (", n, "), got ", bias_in->sizes());
     TORCH_CHECK(bias_in->scalar_type() == x_in.scalar_type(), "bias must be ", x_in.scalar_type(), ", got ",
                 bias_in->scalar_type());
     PHI_CHECK_DEVICE(*bias_in, x_in);
-    TORCH_CHECK(!linear_bytes_overlap(out, *bias_in), "out overlaps bias");
+    TORCH_CHECK(!bytes_overlap(out, *bias_in), "out overlaps bias");
     bias = bias_in->contiguous();
   }
   const int64_t rows = c10::multiply_integers(x_in.sizes().begin(), x_in.sizes().end() - 1);

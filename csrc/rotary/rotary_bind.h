@@ -42,14 +42,6 @@ inline void check_rotary_host(Rotary_params& p, int64_t rows) {
   if (p.is_varlen) p.seqlen = longest;
 }
 
-// Whether a and b share storage and their byte ranges [first element, last element] meet.
-inline bool bytes_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
-  const char* a0 = static_cast<const char*>(a.data_ptr());
-  const char* b0 = static_cast<const char*>(b.data_ptr());
-  return a0 < b0 + span_bytes(b) && b0 < a0 + span_bytes(a);
-}
-
 // The one builder of Rotary_params: both rotary_out kernels (CPU, CUDA and emulated) read x, cos,
 // sin, out and the options (PHI_ROTARY_OPTIONS in op_schemas.h) here, by name.
 inline Rotary_params make_rotary_params(const Op_args& a) {
